@@ -369,6 +369,8 @@ def ls_(
     if json_:
         emit_json(doc)
         return
+    if not doc:
+        say(ctx, f"no releases in {st.url}")
     for m, d in doc.items():
         by_version: dict[str, list[str]] = {}
         for t, v in d["tags"].items():
@@ -436,12 +438,16 @@ def tag(
     ref: Annotated[str, typer.Argument(help="Release to point at (NAME:VERSION, NAME:TAG, NAME@sha256:HEX).")],
     new_tag: Annotated[str, typer.Argument(metavar="TAG", help="Tag to move, e.g. prod.")],
     store: StoreOpt = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Point a tag at a release (tags move; versions never change)."""
     from weightship import release
 
     st = open_store(ctx, store)
     rel = release.move_tag(st, ref, new_tag)
+    if json_:
+        emit_json({"name": rel.name, "tag": new_tag, "version": rel.version, "digest": rel.digest})
+        return
     say(ctx, f"{rel.name}:{new_tag} -> {rel.version} ({rel.digest})")
 
 
