@@ -299,7 +299,10 @@ def verify(
 @app.command()
 def publish(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Model directory.")],
+    source: Annotated[
+        str,
+        typer.Argument(metavar="SOURCE", help="Model directory, or hf://ORG/MODEL[@REVISION] on the Hugging Face Hub."),
+    ],
     ref: Annotated[str, typer.Argument(help="NAME:VERSION to publish as.", metavar="NAME:VERSION")],
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Tag to point at it; repeatable.")] = None,
     key: SignKeyOpt = None,
@@ -311,6 +314,12 @@ def publish(
     trust_config: TrustConfigOpt = None,
     store: StoreOpt = None,
     ignore: IgnoreOpt = None,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="hf:// only: glob of Hub files to take; repeatable.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="hf:// only: glob of Hub files to leave out; repeatable.")
+    ] = None,
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", min=1, max=64, help="Parallel transfers per blob (S3).")
     ] = None,
@@ -326,15 +335,26 @@ def publish(
         ctx, key, key_password, cert_chain, sigstore, identity_token, staging, trust_config, required=False
     )
     st = open_store(ctx, store)
+    source_info = provenance.collect()
+    packed = None
+    if source.startswith("hf://"):
+        from weightship import hub
+
+        snap = hub.snapshot(source, include=include or [], exclude=exclude or [])
+        packed = snap.packed
+        source_info.update(snap.source_info)
+    elif include or exclude:
+        raise UsageError("--include and --exclude apply to hf:// sources", "use --ignore for a directory")
     result = release.publish(
-        directory,
+        Path(source),
         ref,
         st,
         tags_=tag or [],
         signer=signer,
         ignore=ignore or [],
-        source_info=provenance.collect(),
+        source_info=source_info,
         reporter=reporter(ctx, json_),
+        packed=packed,
     )
     if json_:
         emit_json(result.to_dict())
