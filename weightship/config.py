@@ -73,6 +73,8 @@ class Config:
                 cert_chains=[self.base / c for c in p.get("cert_chains", [])],
                 identities=idents,
                 offline=bool(p.get("offline", True)),
+                trust_config=self.base / p["trust_config"] if p.get("trust_config") else None,
+                staging=bool(p.get("staging", False)),
             )
         except (TypeError, AttributeError) as e:
             raise ConfigError(f"{self.path}: malformed [policy] ({e})") from None

@@ -190,6 +190,12 @@ def _verify_chain(leaf, intermediates: list, anchors: list) -> None:
                     continue
             except x509.ExtensionNotFound:
                 continue
+            # An issuer whose key usage is stated must be allowed to sign certificates.
+            try:
+                if not cand.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
+                    continue
+            except x509.ExtensionNotFound:
+                pass
             issuer = cand
             break
         if issuer is None:
