@@ -335,12 +335,13 @@ def publish(
         ctx, key, key_password, cert_chain, sigstore, identity_token, staging, trust_config, required=False
     )
     st = open_store(ctx, store)
+    rep = reporter(ctx, json_)
     source_info = provenance.collect()
     packed = None
     if source.startswith("hf://"):
         from weightship import hub
 
-        snap = hub.snapshot(source, include=include or [], exclude=exclude or [])
+        snap = hub.snapshot(source, include=include or [], exclude=exclude or [], ignore=ignore or [], reporter=rep)
         packed = snap.packed
         source_info.update(snap.source_info)
     elif include or exclude:
@@ -353,7 +354,7 @@ def publish(
         signer=signer,
         ignore=ignore or [],
         source_info=source_info,
-        reporter=reporter(ctx, json_),
+        reporter=rep,
         packed=packed,
     )
     if json_:
