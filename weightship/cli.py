@@ -7,6 +7,7 @@ printed as one line; exit codes are 0 (success), 1 (failure), 2 (usage).
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sys
@@ -504,20 +505,24 @@ def pull(
     )
 
 
+class Curve(str, enum.Enum):
+    p256 = "P-256"
+    p384 = "P-384"
+    p521 = "P-521"
+
+
 @app.command()
 def keygen(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="Where to write the private key; the public key goes to PATH.pub.")],
-    curve: Annotated[str, typer.Option("--curve", help="P-256, P-384 or P-521.")] = "P-256",
+    curve: Annotated[Curve, typer.Option("--curve", help="Elliptic curve of the key.")] = Curve.p256,
 ) -> None:
     """Generate an EC signing key pair for weightship sign/publish --key."""
     from weightship import signing
 
-    if curve not in ("P-256", "P-384", "P-521"):
-        raise UsageError(f"unknown curve {curve!r}", "choose P-256, P-384 or P-521")
     if path.exists():
         raise UsageError(f"{path} exists", "choose a new path; keys are never overwritten")
-    pub = signing.generate_key(path, curve)
+    pub = signing.generate_key(path, curve.value)
     say(ctx, f"private key {path} (keep it secret), public key {pub}")
 
 

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Benchmark: hashing and signing a sharded model, weightship against the reference signer.
+
+Not a test: it takes minutes and its numbers depend on the machine. It builds a model of
+safetensors shards filled with random float16 data in a temporary directory, then times, side
+by side and interleaved in every repetition:
+
+* ``weightship pack DIR --json``            (hash + safetensors headers, no signature)
+* ``weightship sign DIR --key KEY.pem``      (the number the target is about)
+* ``python -m model_signing sign key DIR``   (the reference OMS signer, model-signing 1.1.1)
+* ``sha256sum`` over the same files          (one process: what a shell script would do)
+* ``openssl dgst -sha256``, a process a core (a floor: OpenSSL's SHA-NI code on every core, or
+                                              the disk when the cache is cold; coreutils'
+                                              sha256sum has no SHA-NI path and is no floor)
+
+and the start-up time of ``weightship --help``. Each tool runs as a command-line process, so
+interpreter start-up and imports count, as they do for a user.
+
+The page cache is dropped before every timed run when this process may do so (root, writable
+/proc/sys/vm/drop_caches); otherwise every run reads from a warm cache. Either way all tools get
+the same condition, and the report says which.
+
+    python bench/pack.py                          # 1 GiB, 8 shards, 3 repetitions
+    python bench/pack.py --size-mib 64 --reps 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+SIGN_RATIO_TARGET = 0.8
+HELP_TARGET_S = 0.3
+
+
+@dataclass
+class Tool:
+    key: str
+    label: str
+    argv: list[str]
+    stdin: bytes | None = None
+    outputs: list[Path] = field(default_factory=list)  # removed before each run: no tool may find its old output
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+
+# -- the model -----------------------------------------------------------------------------
+
+
+def build_model(root: Path, size_mib: int, shards: int, seed: int = 0) -> list[Path]:
+    """Write ``shards`` safetensors files totalling about ``size_mib`` MiB, plus index and config."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    per_shard = size_mib * MIB // shards
+    cols, tensors_per_shard = 1024, 4
+    rows = max(1, per_shard // (2 * cols * tensors_per_shard))
+    weight_map: dict[str, str] = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {}
+        for t in range(tensors_per_shard):
+            tname = f"layers.{s * tensors_per_shard + t}.weight"
+            # Normal, not random bits: real weights, no NaN or inf patterns in the data.
+            tensors[tname] = rng.standard_normal((rows, cols), dtype=np.float32).astype(np.float16)
+            weight_map[tname] = name
+        save_file(tensors, str(root / name), metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": shards * tensors_per_shard * rows * cols * 2}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (root / "config.json").write_text(json.dumps({"model_type": "bench", "torch_dtype": "float16"}) + "\n")
+    return sorted(p for p in root.iterdir() if p.is_file())
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def can_drop_caches() -> bool:
+    try:
+        drop_caches()
+    except OSError:
+        return False
+    return True
+
+
+def drop_caches() -> None:
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+
+
+def run(argv: Sequence[str], stdin: bytes | None = None, capture: bool = False) -> tuple[float, float, bytes]:
+    """Wall and CPU seconds (user+sys of the child and its children) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        list(argv),
+        input=stdin,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{err}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, proc.stdout or b""
+
+
+def weightship_script() -> Path:
+    """The console script next to this interpreter: a pyenv shim would add its own start-up."""
+    script = Path(sys.executable).parent / "weightship"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: install weightship into {sys.executable}'s environment")
+    return script
+
+
+def check_same_digests(ws: Path, model: Path, files: list[Path]) -> None:
+    """Untimed: weightship and sha256sum must agree, or the comparison means nothing."""
+    _, _, out = run([str(ws), "pack", str(model), "--json"], capture=True)
+    ours = {f["path"]: f["sha256"] for f in json.loads(out)["files"]}
+    _, _, out = run(["sha256sum", *map(str, files)], capture=True)
+    theirs = {Path(line.split(maxsplit=1)[1]).name: line.split()[0] for line in out.decode().splitlines()}
+    if ours != theirs:
+        raise SystemExit(f"weightship and sha256sum disagree:\n{ours}\n{theirs}")
+
+
+def time_help(argv: list[str], runs: int) -> list[float]:
+    run(argv)  # bytecode compiled and files cached, as on any machine after the first call
+    return [run(argv)[0] for _ in range(runs)]
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(
+    tools: list[Tool],
+    total_bytes: int,
+    helps: dict[str, list[float]],
+    condition: str,
+    loads: tuple[float, float],
+    args: argparse.Namespace,
+) -> bool:
+    by_key = {t.key: t for t in tools}
+    ref = by_key["ws_sign"].median
+    cpus = os.cpu_count() or 1
+    print()
+    print(f"model: {args.size_mib} MiB in {args.shards} safetensors shards (+ index, config), float16 random normal")
+    print(f"machine: {cpus} CPUs, python {sys.version.split()[0]}; {args.reps} repetitions; {condition}")
+    print(f"load average (1 min) at start {loads[0]:.1f}, at end {loads[1]:.1f}")
+    if max(loads) > cpus / 2:
+        # Other work on the machine steals cores from whichever tool is running: wall times then
+        # say more about the neighbours than about the tools. CPU seconds and paired ratios less so.
+        print("  warning: the machine was busy; trust the cpu s column and the paired ratio over wall medians")
+    print()
+    print(f"{'tool':<44} {'median s':>9} {'min s':>8} {'cpu s':>7} {'MiB/s':>7} {'x ws sign':>10}")
+    for t in tools:
+        print(
+            f"{t.label:<44} {t.median:>9.3f} {min(t.wall):>8.3f} {statistics.median(t.cpu):>7.2f} "
+            f"{total_bytes / MIB / t.median:>7.0f} {t.median / ref:>10.2f}"
+        )
+    print()
+    print(f"{f'start-up ({args.help_runs} runs, warm)':<44} {'median s':>9} {'min s':>8}")
+    for label, times in helps.items():
+        print(f"{label:<44} {statistics.median(times):>9.3f} {min(times):>8.3f}")
+    ms = by_key["ms_sign"]
+    ratio = ref / ms.median
+    # Same repetition, back to back: drifting background load cancels out better than across medians.
+    paired = statistics.median(w / m for w, m in zip(by_key["ws_sign"].wall, ms.wall, strict=True))
+    cpu_ratio = statistics.median(by_key["ws_sign"].cpu) / statistics.median(ms.cpu)
+    print()
+    print(f"weightship sign / model_signing: medians {ratio:.2f}, paired {paired:.2f}, cpu s {cpu_ratio:.2f}")
+    print()
+    print("targets")
+    sign_ok = ratio <= SIGN_RATIO_TARGET
+    print(f"  weightship sign <= {SIGN_RATIO_TARGET} x model_signing : {ratio:.2f} x          {verdict(sign_ok)}")
+    help_ok = True
+    for label, times in helps.items():
+        if "shim" in label:
+            continue  # pyenv's own start-up, not ours
+        med = statistics.median(times)
+        help_ok &= med < HELP_TARGET_S
+        print(f"  {label + f' < {HELP_TARGET_S} s':<42}: {med:.3f} s        {verdict(med < HELP_TARGET_S)}")
+    return sign_ok and help_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024, help="total model size (default 1024)")
+    ap.add_argument("--shards", type=int, default=8, help="safetensors shards (default 8)")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs of each tool (default 3)")
+    ap.add_argument("--help-runs", type=int, default=10, help="timed runs of weightship --help (default 10)")
+    ap.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto", help="auto: cold when permitted")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the temporary workspace goes")
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    if args.size_mib < 1 or args.shards < 1 or args.reps < 1:
+        ap.error("--size-mib, --shards and --reps must be positive")
+
+    ws = weightship_script()
+    py = sys.executable
+    load_start = os.getloadavg()[0]
+    cold = args.cache == "cold" or (args.cache == "auto" and can_drop_caches())
+    if cold and not can_drop_caches():
+        ap.error(f"--cache cold: cannot write {DROP_CACHES} (needs root outside a read-only /proc)")
+    condition = (
+        "cold page cache (dropped before every timed run)"
+        if cold
+        else "warm page cache (every file in memory; disk speed not measured)"
+    )
+
+    with tempfile.TemporaryDirectory(prefix="weightship-bench-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        model = work / "model"
+        t0 = time.perf_counter()
+        print(f"building {args.size_mib} MiB model in {model} ...", flush=True)
+        files = build_model(model, args.size_mib, args.shards)
+        total = sum(p.stat().st_size for p in files)
+        print(f"  {len(files)} files, {total / MIB:.0f} MiB in {time.perf_counter() - t0:.1f} s", flush=True)
+        key = work / "keys" / "bench.pem"
+        key.parent.mkdir()
+        run([str(ws), "keygen", str(key)])
+        check_same_digests(ws, model, files)
+
+        ws_sig, ms_sig = work / "ws.sig", work / "ms.sig"
+        nul_list = b"\0".join(str(p).encode() for p in files)
+        cores = str(os.cpu_count() or 1)
+        tools = [
+            Tool("ws_pack", "weightship pack DIR --json", [str(ws), "pack", str(model), "--json"]),
+            Tool(
+                "ws_sign",
+                "weightship sign DIR --key KEY.pem",
+                [str(ws), "sign", str(model), "--key", str(key), "--signature", str(ws_sig)],
+                outputs=[ws_sig],
+            ),
+            Tool(
+                "ms_sign",
+                "model_signing sign key DIR (1.1.1)",
+                [
+                    py,
+                    "-m",
+                    "model_signing",
+                    "sign",
+                    "key",
+                    str(model),
+                    "--private_key",
+                    str(key),
+                    "--signature",
+                    str(ms_sig),
+                ],
+                outputs=[ms_sig],
+            ),
+            Tool("sha256sum", "sha256sum FILES", ["sha256sum", *map(str, files)]),
+        ]
+        if shutil.which("openssl"):
+            tools.append(
+                Tool(
+                    "openssl_par",
+                    f"openssl dgst -sha256, {cores} processes",
+                    ["xargs", "-0", "-n", "1", "-P", cores, "openssl", "dgst", "-sha256"],
+                    stdin=nul_list,
+                )
+            )
+
+        # One untimed run each: fails early with the tool's own message, compiles bytecode.
+        for tool in tools:
+            run(tool.argv, tool.stdin)
+
+        for rep in range(args.reps):
+            # Rotate the order so that no tool always runs right after the same neighbour.
+            order = tools[rep % len(tools) :] + tools[: rep % len(tools)]
+            for tool in order:
+                for out in tool.outputs:
+                    out.unlink(missing_ok=True)
+                if cold:
+                    drop_caches()
+                wall, cpu, _ = run(tool.argv, tool.stdin)
+                tool.wall.append(wall)
+                tool.cpu.append(cpu)
+                print(f"  rep {rep + 1}/{args.reps}  {tool.label:<44} {wall:7.3f} s  cpu {cpu:6.2f} s", flush=True)
+
+    # Start-up is measured warm: a cold import is the disk's time, and --help is typed twice.
+    print(f"interpreter {py}; console script {ws}", flush=True)
+    helps = {"python -m weightship --help": time_help([py, "-m", "weightship", "--help"], args.help_runs)}
+    helps["weightship --help (console script)"] = time_help([str(ws), "--help"], args.help_runs)
+    shim = shutil.which("weightship")
+    if shim and Path(shim).resolve() != ws.resolve():
+        print(f"PATH finds {shim}: timed too, for information (a shim's own start-up is not weightship's)")
+        helps["weightship --help (PATH: shim)"] = time_help([shim, "--help"], args.help_runs)
+
+    ok = report(tools, total, helps, condition, (load_start, os.getloadavg()[0]), args)
+    if args.json:
+        doc = {
+            "size_mib": args.size_mib,
+            "shards": args.shards,
+            "reps": args.reps,
+            "cold_cache": cold,
+            "bytes": total,
+            "tools": {t.key: {"label": t.label, "wall_s": t.wall, "cpu_s": t.cpu} for t in tools},
+            "help_s": helps,
+            "load_average": [load_start, os.getloadavg()[0]],
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 1 if (args.strict and not ok) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
