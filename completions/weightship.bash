@@ -5,7 +5,10 @@
 # Subcommands of a command path.
 _weightship_subcommands() {
     case "$1" in
-        'weightship') echo 'demo keygen ls pack publish pull show sign tag verify' ;;
+        'weightship') echo 'agent demo fleet gc keygen ls node pack publish pull show sign status tag verify warm' ;;
+        'weightship agent') echo 'serve' ;;
+        'weightship fleet') echo 'ls' ;;
+        'weightship node') echo 'gc pin status verify warm' ;;
     esac
 }
 
@@ -13,16 +16,29 @@ _weightship_subcommands() {
 _weightship_options() {
     case "$1" in
         'weightship') echo '--config -h --help -q --quiet --version' ;;
+        'weightship agent') echo '-h --help' ;;
+        'weightship agent serve') echo '--cache --capacity -h --help --listen --policy --token-file' ;;
         'weightship demo') echo '--dir -h --help' ;;
+        'weightship fleet') echo '-h --help' ;;
+        'weightship fleet ls') echo '--fleet -h --help --json -r --region' ;;
+        'weightship gc') echo '--accept-new-host-keys --dry-run --fleet -h --help --json --keep -r --region' ;;
         'weightship keygen') echo '--curve -h --help' ;;
         'weightship ls') echo '-h --help --json --store' ;;
+        'weightship node') echo '-h --help' ;;
+        'weightship node gc') echo '--cache --dry-run -h --help --json --keep' ;;
+        'weightship node pin') echo '--cache -h --help --json --unpin' ;;
+        'weightship node status') echo '--cache --capacity --digest -h --help --json --policy --version' ;;
+        'weightship node verify') echo '--cache -h --help --json --policy' ;;
+        'weightship node warm') echo '--cache --capacity --detach -h --help --json --policy --request' ;;
         'weightship pack') echo '-h --help --ignore --json' ;;
         'weightship publish') echo '--cert-chain --concurrency --exclude -h --help --identity-token --ignore --include --json --key --key-password --sigstore --staging --store -t --tag --trust-config' ;;
         'weightship pull') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
         'weightship show') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
         'weightship sign') echo '--cert-chain -h --help --identity-token --ignore --key --key-password --signature --sigstore --staging --trust-config' ;;
+        'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json -r --region --require --store --timeout --watch' ;;
         'weightship tag') echo '-h --help --json --store' ;;
         'weightship verify') echo '--cert-chain -h --help --identity --identity-regex --ignore --issuer --json --key --offline --online --signature' ;;
+        'weightship warm') echo '--accept-new-host-keys --cert-chain --credentials --detach --fleet -h --help --identity --identity-regex --issuer --json --key --max-rate --min-ready --no-verify --parallel --pin -r --region --retries --store -t --tag --timeout --wait' ;;
     esac
 }
 
@@ -30,9 +46,35 @@ _weightship_options() {
 _weightship_value() {
     case "$1 $2" in
         'weightship --config') echo '1 file' ;;
+        'weightship agent serve --cache') echo '1 file' ;;
+        'weightship agent serve --capacity') echo '1 plain' ;;
+        'weightship agent serve --listen') echo '1 plain' ;;
+        'weightship agent serve --policy') echo '1 file' ;;
+        'weightship agent serve --token-file') echo '1 file' ;;
         'weightship demo --dir') echo '1 file' ;;
+        'weightship fleet ls --fleet') echo '1 file' ;;
+        'weightship fleet ls -r') echo '1 plain' ;;
+        'weightship fleet ls --region') echo '1 plain' ;;
+        'weightship gc --fleet') echo '1 file' ;;
+        'weightship gc --keep') echo '1 plain' ;;
+        'weightship gc -r') echo '1 plain' ;;
+        'weightship gc --region') echo '1 plain' ;;
         'weightship keygen --curve') echo '1 choice P-256 P-384 P-521' ;;
         'weightship ls --store') echo '1 plain' ;;
+        'weightship node gc --cache') echo '1 file' ;;
+        'weightship node gc --keep') echo '1 plain' ;;
+        'weightship node pin --cache') echo '1 file' ;;
+        'weightship node status --cache') echo '1 file' ;;
+        'weightship node status --capacity') echo '1 plain' ;;
+        'weightship node status --digest') echo '1 plain' ;;
+        'weightship node status --policy') echo '1 file' ;;
+        'weightship node status --version') echo '1 plain' ;;
+        'weightship node verify --cache') echo '1 file' ;;
+        'weightship node verify --policy') echo '1 file' ;;
+        'weightship node warm --cache') echo '1 file' ;;
+        'weightship node warm --capacity') echo '1 plain' ;;
+        'weightship node warm --policy') echo '1 file' ;;
+        'weightship node warm --request') echo '1 file' ;;
         'weightship pack --ignore') echo '1 plain' ;;
         'weightship publish --cert-chain') echo '1 file' ;;
         'weightship publish --concurrency') echo '1 plain' ;;
@@ -65,6 +107,13 @@ _weightship_value() {
         'weightship sign --key-password') echo '1 plain' ;;
         'weightship sign --signature') echo '1 file' ;;
         'weightship sign --trust-config') echo '1 file' ;;
+        'weightship status --fleet') echo '1 file' ;;
+        'weightship status --interval') echo '1 plain' ;;
+        'weightship status -r') echo '1 plain' ;;
+        'weightship status --region') echo '1 plain' ;;
+        'weightship status --require') echo '1 plain' ;;
+        'weightship status --store') echo '1 plain' ;;
+        'weightship status --timeout') echo '1 plain' ;;
         'weightship tag --store') echo '1 plain' ;;
         'weightship verify --cert-chain') echo '1 file' ;;
         'weightship verify --identity') echo '1 plain' ;;
@@ -73,6 +122,23 @@ _weightship_value() {
         'weightship verify --issuer') echo '1 plain' ;;
         'weightship verify --key') echo '1 file' ;;
         'weightship verify --signature') echo '1 file' ;;
+        'weightship warm --cert-chain') echo '1 file' ;;
+        'weightship warm --credentials') echo '1 plain' ;;
+        'weightship warm --fleet') echo '1 file' ;;
+        'weightship warm --identity') echo '1 plain' ;;
+        'weightship warm --identity-regex') echo '1 plain' ;;
+        'weightship warm --issuer') echo '1 plain' ;;
+        'weightship warm --key') echo '1 file' ;;
+        'weightship warm --max-rate') echo '1 plain' ;;
+        'weightship warm --min-ready') echo '1 plain' ;;
+        'weightship warm --parallel') echo '1 plain' ;;
+        'weightship warm -r') echo '1 plain' ;;
+        'weightship warm --region') echo '1 plain' ;;
+        'weightship warm --retries') echo '1 plain' ;;
+        'weightship warm --store') echo '1 plain' ;;
+        'weightship warm -t') echo '1 plain' ;;
+        'weightship warm --tag') echo '1 plain' ;;
+        'weightship warm --timeout') echo '1 plain' ;;
     esac
 }
 
@@ -81,6 +147,9 @@ _weightship_argument() {
     case "$1 #$2" in
         'weightship keygen #0') echo 'file' ;;
         'weightship ls #0') echo 'plain' ;;
+        'weightship node pin #0') echo 'plain' ;;
+        'weightship node status #0') echo 'plain' ;;
+        'weightship node verify #0') echo 'plain' ;;
         'weightship pack #0') echo 'file' ;;
         'weightship publish #0') echo 'plain' ;;
         'weightship publish #1') echo 'plain' ;;
@@ -88,9 +157,11 @@ _weightship_argument() {
         'weightship pull #1') echo 'file' ;;
         'weightship show #0') echo 'plain' ;;
         'weightship sign #0') echo 'file' ;;
+        'weightship status #0') echo 'plain' ;;
         'weightship tag #0') echo 'plain' ;;
         'weightship tag #1') echo 'plain' ;;
         'weightship verify #0') echo 'file' ;;
+        'weightship warm #0') echo 'plain' ;;
     esac
 }
 

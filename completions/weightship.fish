@@ -4,16 +4,48 @@
 function __weightship_subcommands --description 'Subcommands of a command path'
     switch $argv[1]
         case 'weightship'
-            printf '%s\n' demo keygen ls pack publish pull show sign tag verify
+            printf '%s\n' agent demo fleet gc keygen ls node pack publish pull show sign status tag verify warm
+        case 'weightship agent'
+            printf '%s\n' serve
+        case 'weightship fleet'
+            printf '%s\n' ls
+        case 'weightship node'
+            printf '%s\n' gc pin status verify warm
     end
 end
 
 function __weightship_nargs --description 'How many words an option takes after it'
     switch "$argv[1] $argv[2]"
         case 'weightship --config' \
+             'weightship agent serve --cache' \
+             'weightship agent serve --capacity' \
+             'weightship agent serve --listen' \
+             'weightship agent serve --policy' \
+             'weightship agent serve --token-file' \
              'weightship demo --dir' \
+             'weightship fleet ls --fleet' \
+             'weightship fleet ls -r' \
+             'weightship fleet ls --region' \
+             'weightship gc --fleet' \
+             'weightship gc --keep' \
+             'weightship gc -r' \
+             'weightship gc --region' \
              'weightship keygen --curve' \
              'weightship ls --store' \
+             'weightship node gc --cache' \
+             'weightship node gc --keep' \
+             'weightship node pin --cache' \
+             'weightship node status --cache' \
+             'weightship node status --capacity' \
+             'weightship node status --digest' \
+             'weightship node status --policy' \
+             'weightship node status --version' \
+             'weightship node verify --cache' \
+             'weightship node verify --policy' \
+             'weightship node warm --cache' \
+             'weightship node warm --capacity' \
+             'weightship node warm --policy' \
+             'weightship node warm --request' \
              'weightship pack --ignore' \
              'weightship publish --cert-chain' \
              'weightship publish --concurrency' \
@@ -46,6 +78,13 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship sign --key-password' \
              'weightship sign --signature' \
              'weightship sign --trust-config' \
+             'weightship status --fleet' \
+             'weightship status --interval' \
+             'weightship status -r' \
+             'weightship status --region' \
+             'weightship status --require' \
+             'weightship status --store' \
+             'weightship status --timeout' \
              'weightship tag --store' \
              'weightship verify --cert-chain' \
              'weightship verify --identity' \
@@ -53,7 +92,24 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship verify --ignore' \
              'weightship verify --issuer' \
              'weightship verify --key' \
-             'weightship verify --signature'
+             'weightship verify --signature' \
+             'weightship warm --cert-chain' \
+             'weightship warm --credentials' \
+             'weightship warm --fleet' \
+             'weightship warm --identity' \
+             'weightship warm --identity-regex' \
+             'weightship warm --issuer' \
+             'weightship warm --key' \
+             'weightship warm --max-rate' \
+             'weightship warm --min-ready' \
+             'weightship warm --parallel' \
+             'weightship warm -r' \
+             'weightship warm --region' \
+             'weightship warm --retries' \
+             'weightship warm --store' \
+             'weightship warm -t' \
+             'weightship warm --tag' \
+             'weightship warm --timeout'
             echo 1
         case '*'
             echo 0
@@ -109,24 +165,61 @@ end
 complete -c weightship -f
 
 # weightship
+complete -c weightship -n '__weightship_at "weightship"' -a agent -d 'The node agent: the cache engine behind an authenticated HTTP API.'
 complete -c weightship -n '__weightship_at "weightship"' -a demo -d 'Run the whole pipeline on an embedded file:// store: build, sign, publish,...'
+complete -c weightship -n '__weightship_at "weightship"' -a fleet -d 'The fleet file: regions and their nodes.'
+complete -c weightship -n '__weightship_at "weightship"' -a gc -d 'Evict old releases on every node of a region: keep the --keep most recently...'
 complete -c weightship -n '__weightship_at "weightship"' -a keygen -d 'Generate an EC signing key pair for weightship sign/publish --key.'
 complete -c weightship -n '__weightship_at "weightship"' -a ls -d 'List models, or one model\'s versions and tags.'
+complete -c weightship -n '__weightship_at "weightship"' -a node -d 'The node side: run the cache engine on this machine (what ssh runs; prints...'
 complete -c weightship -n '__weightship_at "weightship"' -a pack -d 'Hash a model directory and print its manifest (nothing is written).'
 complete -c weightship -n '__weightship_at "weightship"' -a publish -d 'Pack, sign and push a model directory; unchanged blobs are not uploaded again.'
 complete -c weightship -n '__weightship_at "weightship"' -a pull -d 'Download a release into DEST, verifying every sha256 (and the signature under...'
 complete -c weightship -n '__weightship_at "weightship"' -a show -d 'Show a release: digest, files, tensors, who signed it and where it came from.'
 complete -c weightship -n '__weightship_at "weightship"' -a sign -d 'Sign a model directory in OpenSSF Model Signing format (writes DIR/model.sig).'
+complete -c weightship -n '__weightship_at "weightship"' -a status -d 'Per node: state, the version the tag points at, bytes present, verified and...'
 complete -c weightship -n '__weightship_at "weightship"' -a tag -d 'Point a tag at a release (tags move; versions never change).'
 complete -c weightship -n '__weightship_at "weightship"' -a verify -d 'Check a model directory against its signature: every byte, name, added or...'
+complete -c weightship -n '__weightship_at "weightship"' -a warm -d 'Warm a release onto every cache node of a region before traffic needs it.'
 complete -c weightship -n '__weightship_at "weightship"' -l config -r -F -d 'weightship.toml to use (default: ./weightship.toml).'
 complete -c weightship -n '__weightship_at "weightship"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship"' -s q -l quiet -d 'Only errors and results.'
 complete -c weightship -n '__weightship_at "weightship"' -l version -d 'Print the version and exit.'
 
+# weightship agent
+complete -c weightship -n '__weightship_at "weightship agent"' -a serve -d 'Serve this node\'s cache engine over HTTP (warm, status, events, gc),...'
+complete -c weightship -n '__weightship_at "weightship agent"' -s h -l help -d 'Show this message and exit.'
+
+# weightship agent serve
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l capacity -r -f -d 'Most the cache may use, e.g. 500G (default: the whole disk).'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l listen -r -f -d 'HOST:PORT to bind; loopback unless you name an address.'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l token-file -r -F -d 'File holding the bearer token callers must send.'
+
 # weightship demo
 complete -c weightship -n '__weightship_at "weightship demo"' -l dir -r -F -d 'Workspace (default: a new temporary one).'
 complete -c weightship -n '__weightship_at "weightship demo"' -s h -l help -d 'Show this message and exit.'
+
+# weightship fleet
+complete -c weightship -n '__weightship_at "weightship fleet"' -a ls -d 'List regions and their nodes (the fleet file is checked on the way).'
+complete -c weightship -n '__weightship_at "weightship fleet"' -s h -l help -d 'Show this message and exit.'
+
+# weightship fleet ls
+complete -c weightship -n '__weightship_at "weightship fleet ls"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
+complete -c weightship -n '__weightship_at "weightship fleet ls"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship fleet ls"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship fleet ls"' -s r -l region -r -f -d 'Region of the fleet.'
+
+# weightship gc
+complete -c weightship -n '__weightship_at "weightship gc"' -l accept-new-host-keys -d 'Record the host key of an ssh node seen for the first time (a changed key is still refused).'
+complete -c weightship -n '__weightship_at "weightship gc"' -l dry-run -d 'Say what would be evicted; change nothing.'
+complete -c weightship -n '__weightship_at "weightship gc"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
+complete -c weightship -n '__weightship_at "weightship gc"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship gc"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship gc"' -l keep -r -f -d 'Releases to keep per model, besides tagged and pinned ones.'
+complete -c weightship -n '__weightship_at "weightship gc"' -s r -l region -r -f -d 'Region whose nodes to clean.'
 
 # weightship keygen
 complete -c weightship -n '__weightship_at "weightship keygen"' -l curve -r -f -a 'P-256 P-384 P-521' -d 'Elliptic curve of the key.'
@@ -137,6 +230,51 @@ complete -c weightship -n '__weightship_at "weightship keygen" 0' -F
 complete -c weightship -n '__weightship_at "weightship ls"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship ls"' -l json -d 'Print a machine-readable JSON document.'
 complete -c weightship -n '__weightship_at "weightship ls"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+
+# weightship node
+complete -c weightship -n '__weightship_at "weightship node"' -a gc -d 'Evict old releases from this node\'s cache (never tagged or pinned ones).'
+complete -c weightship -n '__weightship_at "weightship node"' -a pin -d 'Pin a release so that neither gc nor eviction removes it.'
+complete -c weightship -n '__weightship_at "weightship node"' -a status -d 'Readiness of a release (or of every release) in this node\'s cache.'
+complete -c weightship -n '__weightship_at "weightship node"' -a verify -d 'Re-hash a materialised release against its manifest and the node\'s policy; a...'
+complete -c weightship -n '__weightship_at "weightship node"' -a warm -d 'Warm one release into this node\'s cache, from a request on standard input...'
+complete -c weightship -n '__weightship_at "weightship node"' -s h -l help -d 'Show this message and exit.'
+
+# weightship node gc
+complete -c weightship -n '__weightship_at "weightship node gc"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship node gc"' -l dry-run -d 'Say what would be evicted; change nothing.'
+complete -c weightship -n '__weightship_at "weightship node gc"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node gc"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node gc"' -l keep -r -f -d 'Releases to keep per model besides tagged/pinned.'
+
+# weightship node pin
+complete -c weightship -n '__weightship_at "weightship node pin"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship node pin"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node pin"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node pin"' -l unpin -d 'Remove the pin instead.'
+
+# weightship node status
+complete -c weightship -n '__weightship_at "weightship node status"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship node status"' -l capacity -r -f -d 'Most the cache may use, e.g. 500G (default: the whole disk).'
+complete -c weightship -n '__weightship_at "weightship node status"' -l digest -r -f -d 'The digest that version should have.'
+complete -c weightship -n '__weightship_at "weightship node status"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node status"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node status"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship node status"' -l version -r -f -d 'The version REF should be (from the store).'
+
+# weightship node verify
+complete -c weightship -n '__weightship_at "weightship node verify"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship node verify"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node verify"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node verify"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+
+# weightship node warm
+complete -c weightship -n '__weightship_at "weightship node warm"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship node warm"' -l capacity -r -f -d 'Most the cache may use, e.g. 500G (default: the whole disk).'
+complete -c weightship -n '__weightship_at "weightship node warm"' -l detach -d 'Go on in the background; print the accepted job.'
+complete -c weightship -n '__weightship_at "weightship node warm"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node warm"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node warm"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship node warm"' -l request -r -F -d 'Warm request JSON (default: read from standard input).'
 
 # weightship pack
 complete -c weightship -n '__weightship_at "weightship pack"' -s h -l help -d 'Show this message and exit.'
@@ -199,6 +337,18 @@ complete -c weightship -n '__weightship_at "weightship sign"' -l staging -d 'Use
 complete -c weightship -n '__weightship_at "weightship sign"' -l trust-config -r -F -d 'Sigstore client trust configuration (JSON).'
 complete -c weightship -n '__weightship_at "weightship sign" 0' -F
 
+# weightship status
+complete -c weightship -n '__weightship_at "weightship status"' -l accept-new-host-keys -d 'Record the host key of an ssh node seen for the first time (a changed key is still refused).'
+complete -c weightship -n '__weightship_at "weightship status"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
+complete -c weightship -n '__weightship_at "weightship status"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship status"' -l interval -r -f -d 'Seconds between --watch refreshes.'
+complete -c weightship -n '__weightship_at "weightship status"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship status"' -s r -l region -r -f -d 'Region of the fleet.'
+complete -c weightship -n '__weightship_at "weightship status"' -l require -r -f -d 'Share of nodes that must be ready for exit 0: all, N% or a count.'
+complete -c weightship -n '__weightship_at "weightship status"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship status"' -l timeout -r -f -d 'Give up after this long: 90, 90s, 10m, 2h.'
+complete -c weightship -n '__weightship_at "weightship status"' -l watch -d 'Refresh until the requirement is met or --timeout.'
+
 # weightship tag
 complete -c weightship -n '__weightship_at "weightship tag"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship tag"' -l json -d 'Print a machine-readable JSON document.'
@@ -217,3 +367,27 @@ complete -c weightship -n '__weightship_at "weightship verify"' -l offline -d 'V
 complete -c weightship -n '__weightship_at "weightship verify"' -l online -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship verify"' -l signature -r -F -d 'Signature file (default DIR/model.sig).'
 complete -c weightship -n '__weightship_at "weightship verify" 0' -F
+
+# weightship warm
+complete -c weightship -n '__weightship_at "weightship warm"' -l accept-new-host-keys -d 'Record the host key of an ssh node seen for the first time (a changed key is still refused).'
+complete -c weightship -n '__weightship_at "weightship warm"' -l cert-chain -r -F -d 'Trusted CA certificates (PEM) for certificate signatures.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l credentials -r -f -d 'presigned: nodes get per-blob URLs; node: nodes read the store with their own credentials.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l detach -d 'Wait until every node is done (the default), or return once each node has accepted the warm.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
+complete -c weightship -n '__weightship_at "weightship warm"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l identity -r -f -d 'Sigstore signer identity (e-mail or URI).'
+complete -c weightship -n '__weightship_at "weightship warm"' -l identity-regex -r -f -d 'Sigstore signer identity as a regular expression.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l issuer -r -f -d 'OIDC issuer of the Sigstore identity.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l max-rate -r -f -d 'Per-node download limit in bytes/s, e.g. 200M.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l min-ready -r -f -d 'Share of nodes that must end ready for exit 0: all, N% or a count.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l no-verify -d 'Skip this machine\'s signature check; each node still enforces its own policy.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l parallel -r -f -d 'Nodes warmed at once.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l pin -d 'Pin the release on the nodes: gc never evicts it.'
+complete -c weightship -n '__weightship_at "weightship warm"' -s r -l region -r -f -d 'Region to warm (see weightship fleet ls).'
+complete -c weightship -n '__weightship_at "weightship warm"' -l retries -r -f -d 'Retries of a node\'s transient failures.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship warm"' -s t -l tag -r -f -d 'Also point this tag at the release on the nodes.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l timeout -r -f -d 'Give up after this long: 90, 90s, 10m, 2h.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l wait -d 'Wait until every node is done (the default), or return once each node has accepted the warm.'

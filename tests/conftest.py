@@ -40,3 +40,33 @@ def keypair(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def file_store(tmp_path: Path) -> str:
     return f"file://{tmp_path / 'store'}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real SeaweedFS (``weed mini``) for the session, stopped by PID at the end.
+    Tests that need S3 take ``s3_store_url``, which gives each its own bucket."""
+    from tests.servers import start_seaweed
+
+    server = start_seaweed(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_store_url(s3_server, monkeypatch) -> str:
+    """``s3://BUCKET/weights`` in a fresh bucket, with the standard AWS chain (AWS_*
+    variables) pointing at ``s3_server`` and nobody's ~/.aws in the way."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "WEIGHTSHIP_S3_")):
+            monkeypatch.delenv(name)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    bucket = s3_server.create_bucket()
+    return f"s3://{bucket}/weights"

@@ -81,8 +81,63 @@ def run(directory: Path | None, reporter: Reporter, out: Callable[[str], None] =
     verified = verify_directory(dest, policy)
     out(f"6. weightship verify {dest} --key {pub}: {len(verified.statement.resources)} files match the signature")
 
+    config_path = warm_demo_region(ws, store, pub, out)
+
     out(f"done in {time.monotonic() - start:.1f}s. Next, try:")
     out(f"  weightship ls --store file://{ws / 'store'}")
     out(f"  weightship show demo:prod --store file://{ws / 'store'} --key {pub}")
     out(f"  weightship verify {dest} --key {pub}")
+    out(f"  weightship --config {config_path} status demo:prod --region demo")
     return ws
+
+
+DEMO_FLEET = """\
+# Written by `weightship demo`: the demo store, its signer, and three local cache nodes.
+[store]
+url = "file://store"
+
+[policy]
+keys = ["release.pub"]
+
+[regions.demo]
+{nodes}"""
+
+
+def warm_demo_region(ws: Path, store, pub: Path, out: Callable[[str], None]) -> Path:
+    """Warm demo:prod onto a region of three ``local`` nodes (caches inside the workspace)
+    through the same engine and orchestration as ``weightship warm``, then ask for status."""
+    import asyncio
+
+    from weightship import config, release
+    from weightship import warm as w
+    from weightship.fleet import load_fleet
+    from weightship.transports import for_node
+
+    nodes = "".join(
+        f'\n[[regions.demo.nodes]]\nname = "gpu-{i}"\ntransport = "local"\ncache = "nodes/gpu-{i}"\n' for i in (1, 2, 3)
+    )
+    config_path = ws / "weightship.toml"
+    config_path.write_text(DEMO_FLEET.format(nodes=nodes))
+    cfg = config.load(config_path)
+    region = load_fleet(cfg.data, cfg.path).region("demo")
+    policy = cfg.policy()
+
+    def transport_for(node):
+        return for_node(node, policy=policy, config_path=str(config_path))
+
+    rel = release.resolve(store, "demo:prod")
+    req = w.build_request(store, rel, tags=["prod"])
+    rows = asyncio.run(w.warm_nodes(region.nodes, req, transport_for))
+    ready = sum(r.ready for r in rows)
+    fetched = sum(r.bytes_fetched or 0 for r in rows)
+    out(
+        f"7. weightship warm demo:prod --region demo: {ready}/{len(rows)} local nodes ready "
+        f"({human_bytes(fetched)} fetched, every sha256 and the node's policy checked)"
+    )
+    query = w.Query("demo:prod", rel.version, rel.digest)
+    statuses = asyncio.run(w.status_nodes(region.nodes, lambda n: query, transport_for))
+    out("8. weightship status demo:prod --region demo:")
+    for s in statuses:
+        signer = "signature verified" if s.get("verified") else "not verified"
+        out(f"   {s['node']}: {s['state']}, prod -> {s.get('tag_version')}, {signer}: {s['cache']}/models/demo/prod")
+    return config_path

