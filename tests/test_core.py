@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FIXTURES, error_line, run_cli, tree_digest
+from tests.helpers import FIXTURES, assert_reference_verifies_key, error_line, run_cli, tree_digest
 
 
 def manifest_files(model: Path) -> dict[str, str]:
@@ -36,12 +36,7 @@ def test_minilm_round_trip_with_reference_signer(minilm: Path, keypair, file_sto
 
     signed = run_cli("sign", minilm, "--key", key)
     assert signed.returncode == 0, signed.stderr
-    ref = subprocess.run(
-        [sys.executable, "-m", "model_signing", "verify", "key", str(minilm),
-         "--signature", str(minilm / "model.sig"), "--public_key", str(pub)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert_reference_verifies_key(minilm, pub)
     assert run_cli("verify", minilm, "--key", pub).returncode == 0
 
     pub_run = run_cli("publish", minilm, "minilm:1.0", "--tag", "prod", "--key", key, "--store", file_store, "--json")
@@ -57,12 +52,7 @@ def test_minilm_round_trip_with_reference_signer(minilm: Path, keypair, file_sto
     assert manifest_files(dest) == manifest_files(minilm)
     # The pulled directory carries its signature: both verifiers accept it as it is.
     assert run_cli("verify", dest, "--key", pub).returncode == 0
-    ref = subprocess.run(
-        [sys.executable, "-m", "model_signing", "verify", "key", str(dest),
-         "--signature", str(dest / "model.sig"), "--public_key", str(pub)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert_reference_verifies_key(dest, pub)
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from tests.helpers import error_line, minilm_source, run_cli, tree_digest
+from tests.helpers import assert_reference_verifies_key, error_line, minilm_source, run_cli, tree_digest
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 URL = f"hf://{REPO}"
@@ -129,12 +127,7 @@ def test_offline_publish_records_repo_and_commit_and_pulls_identical(
     dest = tmp_path / "pulled"
     assert pulled_tree("minilm:prod", file_store, dest, "--key", pub) == originals()
     # The signature over Hub bytes is plain OMS: the reference verifier accepts the pulled tree.
-    ref = subprocess.run(
-        [sys.executable, "-m", "model_signing", "verify", "key", str(dest),
-         "--signature", str(dest / "model.sig"), "--public_key", str(pub)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert_reference_verifies_key(dest, pub)
 
 
 def test_pinned_commit_and_patterns(hub_home: Path, offline, file_store: str, tmp_path: Path):

@@ -14,8 +14,6 @@ import json
 import re
 import shutil
 import stat
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.fake_sigstore import EMAIL_ISSUER, GITHUB_ISSUER, FakeSigstore, identity_token
-from tests.helpers import FIXTURES, run_cli
+from tests.helpers import FIXTURES, assert_model_signing_ok, model_signing, run_cli
 from weightship import keyless, oms, pack, release, signing
 from weightship.errors import IntegrityError, PolicyError, SignatureError, UsageError
 from weightship.trust import Identity, TrustPolicy, describe_unverified, verify_bundle
@@ -83,20 +81,6 @@ def flip_one_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[0] ^= 0x01
     path.write_bytes(bytes(data))
-
-
-def model_signing(*args: str | Path) -> subprocess.CompletedProcess:
-    """The reference verifier's CLI, as a separate process."""
-    return subprocess.run(
-        [sys.executable, "-m", "model_signing", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_model_signing_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0 and "Verification succeeded" in proc.stdout, proc.stdout + proc.stderr
 
 
 def sign_dir(model: Path, signer) -> bytes:
