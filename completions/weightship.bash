@@ -8,7 +8,7 @@ _weightship_subcommands() {
         'weightship') echo 'agent demo fleet gc keygen ls node pack publish pull show sign status tag verify warm' ;;
         'weightship agent') echo 'serve' ;;
         'weightship fleet') echo 'ls' ;;
-        'weightship node') echo 'gc pin status verify warm' ;;
+        'weightship node') echo 'gc have pin status verify warm' ;;
     esac
 }
 
@@ -26,19 +26,20 @@ _weightship_options() {
         'weightship ls') echo '-h --help --json --store' ;;
         'weightship node') echo '-h --help' ;;
         'weightship node gc') echo '--cache --dry-run -h --help --json --keep' ;;
+        'weightship node have') echo '--cache -h --help --json' ;;
         'weightship node pin') echo '--cache -h --help --json --unpin' ;;
         'weightship node status') echo '--cache --capacity --digest -h --help --json --policy --version' ;;
         'weightship node verify') echo '--cache -h --help --json --policy' ;;
-        'weightship node warm') echo '--cache --capacity --detach -h --help --json --policy --request' ;;
+        'weightship node warm') echo '--cache --capacity --detach -h --help --hot --json --policy --request' ;;
         'weightship pack') echo '-h --help --ignore --json' ;;
-        'weightship publish') echo '--cert-chain --concurrency --exclude -h --help --identity-token --ignore --include --json --key --key-password --sigstore --staging --store -t --tag --trust-config' ;;
+        'weightship publish') echo '--cert-chain --concurrency --exclude -h --help --identity-token --ignore --include --json --key --key-password --no-output-github --output-github --sigstore --staging --store -t --tag --trust-config' ;;
         'weightship pull') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
         'weightship show') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
         'weightship sign') echo '--cert-chain -h --help --identity-token --ignore --key --key-password --signature --sigstore --staging --trust-config' ;;
-        'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json -r --region --require --store --timeout --watch' ;;
+        'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json --no-output-github --output-github -r --region --require --store --timeout --watch' ;;
         'weightship tag') echo '-h --help --json --store' ;;
         'weightship verify') echo '--cert-chain -h --help --identity --identity-regex --ignore --issuer --json --key --offline --online --signature' ;;
-        'weightship warm') echo '--accept-new-host-keys --cert-chain --credentials --detach --fleet -h --help --identity --identity-regex --issuer --json --key --max-rate --min-ready --no-verify --parallel --pin -r --region --retries --store -t --tag --timeout --wait' ;;
+        'weightship warm') echo '--accept-new-host-keys --cert-chain --credentials --detach --fleet -h --help --hot --identity --identity-regex --issuer --json --key --max-rate --min-ready --no-output-github --no-peers --no-verify --output-github --parallel --peers --pin --plan -r --region --retries --store -t --tag --timeout --wait' ;;
     esac
 }
 
@@ -63,6 +64,7 @@ _weightship_value() {
         'weightship ls --store') echo '1 plain' ;;
         'weightship node gc --cache') echo '1 file' ;;
         'weightship node gc --keep') echo '1 plain' ;;
+        'weightship node have --cache') echo '1 file' ;;
         'weightship node pin --cache') echo '1 file' ;;
         'weightship node status --cache') echo '1 file' ;;
         'weightship node status --capacity') echo '1 plain' ;;

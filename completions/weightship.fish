@@ -10,7 +10,7 @@ function __weightship_subcommands --description 'Subcommands of a command path'
         case 'weightship fleet'
             printf '%s\n' ls
         case 'weightship node'
-            printf '%s\n' gc pin status verify warm
+            printf '%s\n' gc have pin status verify warm
     end
 end
 
@@ -34,6 +34,7 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship ls --store' \
              'weightship node gc --cache' \
              'weightship node gc --keep' \
+             'weightship node have --cache' \
              'weightship node pin --cache' \
              'weightship node status --cache' \
              'weightship node status --capacity' \
@@ -233,6 +234,7 @@ complete -c weightship -n '__weightship_at "weightship ls"' -l store -r -f -d 'S
 
 # weightship node
 complete -c weightship -n '__weightship_at "weightship node"' -a gc -d 'Evict old releases from this node\'s cache (never tagged or pinned ones).'
+complete -c weightship -n '__weightship_at "weightship node"' -a have -d 'Which of the blobs named on standard input ({"blobs": [HEX…]}) this cache...'
 complete -c weightship -n '__weightship_at "weightship node"' -a pin -d 'Pin a release so that neither gc nor eviction removes it.'
 complete -c weightship -n '__weightship_at "weightship node"' -a status -d 'Readiness of a release (or of every release) in this node\'s cache.'
 complete -c weightship -n '__weightship_at "weightship node"' -a verify -d 'Re-hash a materialised release against its manifest and the node\'s policy; a...'
@@ -245,6 +247,11 @@ complete -c weightship -n '__weightship_at "weightship node gc"' -l dry-run -d '
 complete -c weightship -n '__weightship_at "weightship node gc"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship node gc"' -l json -d 'Print a machine-readable JSON document.'
 complete -c weightship -n '__weightship_at "weightship node gc"' -l keep -r -f -d 'Releases to keep per model besides tagged/pinned.'
+
+# weightship node have
+complete -c weightship -n '__weightship_at "weightship node have"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship node have"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node have"' -l json -d 'Print a machine-readable JSON document.'
 
 # weightship node pin
 complete -c weightship -n '__weightship_at "weightship node pin"' -l cache -r -F -d 'The node cache directory.'
@@ -272,6 +279,7 @@ complete -c weightship -n '__weightship_at "weightship node warm"' -l cache -r -
 complete -c weightship -n '__weightship_at "weightship node warm"' -l capacity -r -f -d 'Most the cache may use, e.g. 500G (default: the whole disk).'
 complete -c weightship -n '__weightship_at "weightship node warm"' -l detach -d 'Go on in the background; print the accepted job.'
 complete -c weightship -n '__weightship_at "weightship node warm"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node warm"' -l hot -d 'Then read the release into the page cache (bounded memory).'
 complete -c weightship -n '__weightship_at "weightship node warm"' -l json -d 'Print a machine-readable JSON document.'
 complete -c weightship -n '__weightship_at "weightship node warm"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
 complete -c weightship -n '__weightship_at "weightship node warm"' -l request -r -F -d 'Warm request JSON (default: read from standard input).'
@@ -284,7 +292,7 @@ complete -c weightship -n '__weightship_at "weightship pack" 0' -F
 
 # weightship publish
 complete -c weightship -n '__weightship_at "weightship publish"' -l cert-chain -r -F -d 'Certificate chain of the signing key (PEM, leaf first).'
-complete -c weightship -n '__weightship_at "weightship publish"' -l concurrency -r -f -d 'Parallel transfers per blob (S3).'
+complete -c weightship -n '__weightship_at "weightship publish"' -l concurrency -r -f -d 'S3 parts in flight at once, across all blobs (default 8).'
 complete -c weightship -n '__weightship_at "weightship publish"' -l exclude -r -f -d 'hf:// only: glob of Hub files to leave out; repeatable.'
 complete -c weightship -n '__weightship_at "weightship publish"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l identity-token -r -f -d 'OIDC token for Sigstore.'
@@ -293,6 +301,8 @@ complete -c weightship -n '__weightship_at "weightship publish"' -l include -r -
 complete -c weightship -n '__weightship_at "weightship publish"' -l json -d 'Print a machine-readable JSON document.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l key -r -F -d 'Private EC key (PEM) to sign with.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l key-password -r -f -d 'Password of the private key.'
+complete -c weightship -n '__weightship_at "weightship publish"' -l no-output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
+complete -c weightship -n '__weightship_at "weightship publish"' -l output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l sigstore -d 'Sign keyless with Sigstore (OIDC identity).'
 complete -c weightship -n '__weightship_at "weightship publish"' -l staging -d 'Use Sigstore\'s staging instance.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
@@ -343,6 +353,8 @@ complete -c weightship -n '__weightship_at "weightship status"' -l fleet -r -F -
 complete -c weightship -n '__weightship_at "weightship status"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship status"' -l interval -r -f -d 'Seconds between --watch refreshes.'
 complete -c weightship -n '__weightship_at "weightship status"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship status"' -l no-output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
+complete -c weightship -n '__weightship_at "weightship status"' -l output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
 complete -c weightship -n '__weightship_at "weightship status"' -s r -l region -r -f -d 'Region of the fleet.'
 complete -c weightship -n '__weightship_at "weightship status"' -l require -r -f -d 'Share of nodes that must be ready for exit 0: all, N% or a count.'
 complete -c weightship -n '__weightship_at "weightship status"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
@@ -375,6 +387,7 @@ complete -c weightship -n '__weightship_at "weightship warm"' -l credentials -r 
 complete -c weightship -n '__weightship_at "weightship warm"' -l detach -d 'Wait until every node is done (the default), or return once each node has accepted the warm.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
 complete -c weightship -n '__weightship_at "weightship warm"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l hot -d 'Also read the release into each node\'s page cache once it is ready.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l identity -r -f -d 'Sigstore signer identity (e-mail or URI).'
 complete -c weightship -n '__weightship_at "weightship warm"' -l identity-regex -r -f -d 'Sigstore signer identity as a regular expression.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l issuer -r -f -d 'OIDC issuer of the Sigstore identity.'
@@ -382,9 +395,14 @@ complete -c weightship -n '__weightship_at "weightship warm"' -l json -d 'Print 
 complete -c weightship -n '__weightship_at "weightship warm"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l max-rate -r -f -d 'Per-node download limit in bytes/s, e.g. 200M.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l min-ready -r -f -d 'Share of nodes that must end ready for exit 0: all, N% or a count.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l no-output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l no-peers -d 'Let agent nodes fetch blobs from each other, so each blob crosses the origin link once (the default), or have every node fetch from the origin.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l no-verify -d 'Skip this machine\'s signature check; each node still enforces its own policy.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l parallel -r -f -d 'Nodes warmed at once.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l peers -d 'Let agent nodes fetch blobs from each other, so each blob crosses the origin link once (the default), or have every node fetch from the origin.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l pin -d 'Pin the release on the nodes: gc never evicts it.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l plan -d 'Dry run: print per node the bytes missing and where they would come from; warm nothing.'
 complete -c weightship -n '__weightship_at "weightship warm"' -s r -l region -r -f -d 'Region to warm (see weightship fleet ls).'
 complete -c weightship -n '__weightship_at "weightship warm"' -l retries -r -f -d 'Retries of a node\'s transient failures.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'

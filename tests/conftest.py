@@ -11,6 +11,14 @@ import pytest
 from tests.helpers import minilm_source
 
 
+@pytest.fixture(autouse=True)
+def _not_a_github_step(monkeypatch) -> None:
+    """Run in GitHub Actions, publish, warm and status write step outputs and a job summary
+    whenever GITHUB_OUTPUT is set: the suite's own commands must not write to CI's files."""
+    monkeypatch.delenv("GITHUB_OUTPUT", raising=False)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
 @pytest.fixture
 def minilm(tmp_path: Path) -> Path:
     """A writable copy of the real all-MiniLM-L6-v2 model (safetensors, tokenizer, 1_Pooling/)."""

@@ -1,14 +1,118 @@
-"""Helpers for the fleet tests: publishing, config files, reading a node cache."""
+"""Helpers for the fleet tests: publishing, config files, reading a node cache, and
+real ``weightship agent serve`` processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import signal
+import subprocess
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.servers import free_port
 from weightship.demo import build_model
+
+
+@dataclass
+class Agent:
+    dir: Path
+    port: int
+    token: str
+    proc: subprocess.Popen
+
+    @property
+    def cache(self) -> Path:
+        return self.dir / "cache"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def node(self, name: str) -> dict[str, Any]:
+        """This agent as a fleet file's node table."""
+        return {"name": name, "transport": f"agent://127.0.0.1:{self.port}", "token_file": str(self.dir / "token")}
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _spawn_agent(d: Path, policy: Path | None, env: dict[str, str]) -> Agent:
+    from tests.sshd import weightship_script
+
+    d.mkdir(parents=True)
+    token = secrets.token_urlsafe(24)
+    (d / "token").write_text(token + "\n")
+    (d / "token").chmod(0o600)
+    port = free_port()
+    log = open(d / "agent.log", "ab")  # noqa: SIM115 - the child owns it
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
+    full_env.update(env)
+    cmd = [weightship_script(), "agent", "serve", "--cache", str(d / "cache"), "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--token-file", str(d / "token")]
+    if policy is not None:
+        cmd += ["--policy", str(policy)]
+    try:
+        proc = subprocess.Popen(
+            cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    finally:
+        log.close()
+    return Agent(d, port, token, proc)
+
+
+def start_agents(
+    dirs: list[Path], policy: Path | None, env: dict[str, str] | None = None, *, batch: int = 8, timeout: float = 60
+) -> list[Agent]:
+    """Start one agent process per directory and wait until each answers /v1/health.
+    Started ``batch`` at a time: dozens of interpreters importing at once on a small
+    machine would each take as long as all of them together."""
+    import httpx
+
+    agents: list[Agent] = []
+    try:
+        for i in range(0, len(dirs), batch):
+            group = [_spawn_agent(d, policy, env or {}) for d in dirs[i : i + batch]]
+            agents += group
+            deadline = time.monotonic() + timeout
+            waiting = list(group)
+            while waiting:
+                a = waiting[0]
+                if a.proc.poll() is not None:
+                    raise RuntimeError(f"agent exited: {(a.dir / 'agent.log').read_text()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"agent on port {a.port} did not come up")
+                with contextlib.suppress(httpx.HTTPError):
+                    r = httpx.get(f"{a.url}/v1/health", headers={"Authorization": f"Bearer {a.token}"}, timeout=1)
+                    if r.status_code == 200:
+                        waiting.pop(0)
+                        continue
+                time.sleep(0.05)
+    except BaseException:
+        for a in agents:
+            a.stop()
+        raise
+    return agents
+
+
+def start_agent(d: Path, policy: Path | None, env: dict[str, str]) -> Agent:
+    return start_agents([d], policy, env)[0]
 
 
 def publish(model: Path, ref: str, store_url: str, key: Path | None = None, tags: Iterable[str] = ()) -> Any:

@@ -266,8 +266,13 @@ def start_seaweed(
     access_key: str = ACCESS_KEY,
     secret_key: str = SECRET_KEY,
     timeout: float = 60.0,
+    ip: str = "127.0.0.1",
+    netns: str | None = None,
 ) -> S3Server:
-    """Start ``weed mini`` on loopback with a fresh data dir under ``tmp_dir``."""
+    """Start ``weed mini`` on loopback with a fresh data dir under ``tmp_dir``. ``ip`` and
+    ``netns`` put it on another address of this machine, inside a network namespace
+    (``ip netns exec``: the server keeps its PID), as bench/coldstart.py does to throttle
+    the link to it."""
     base = Path(tmp_dir) / f"seaweed-{uuid.uuid4().hex[:8]}"
     data = base / "data"
     data.mkdir(parents=True)
@@ -291,11 +296,12 @@ def start_seaweed(
     ports = {n: free_port() for n in names}
     grpc = {n: free_port() for n in ("master", "volume", "filer", "s3", "admin")}
     args = [
+        *(["ip", "netns", "exec", netns] if netns else []),
         weed_binary(),
         "mini",
         f"-dir={data}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip={ip}",
+        f"-ip.bind={ip}",
         "-master.telemetry=false",
         f"-s3.config={config}",
         # Real S3 refuses to write into a bucket that does not exist; so must the test
@@ -305,6 +311,8 @@ def start_seaweed(
         "-admin.ui=false",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        # No grace period on stop: nothing else depends on this volume server.
+        "-volume.preStopSeconds=0",
         f"-master.port={ports['master']}",
         f"-master.port.grpc={grpc['master']}",
         f"-volume.port={ports['volume']}",
@@ -332,7 +340,7 @@ def start_seaweed(
     finally:
         log.close()
     server = S3Server(
-        endpoint=f"http://127.0.0.1:{ports['s3']}",
+        endpoint=f"http://{ip}:{ports['s3']}",
         access_key=access_key,
         secret_key=secret_key,
         region=REGION,

@@ -216,6 +216,8 @@ def test_tampered_manifest_path_is_refused(tmp_path: Path, small_model: Path, fi
 def test_corrupt_blob_fails_pull_and_leaves_nothing(tmp_path: Path, small_model: Path, file_store: str):
     assert run_cli("publish", small_model, "demo:1", "--store", file_store).returncode == 0
     blob = max((Path(file_store[7:]) / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    shown = json.loads(run_cli("show", "demo:1", "--store", file_store, "--json").stdout)
+    named = next(f["path"] for f in shown["files"] if f["sha256"] == blob.name)
     blob.chmod(0o644)
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -223,7 +225,7 @@ def test_corrupt_blob_fails_pull_and_leaves_nothing(tmp_path: Path, small_model:
     dest = tmp_path / "out"
     proc = run_cli("pull", "demo:1", dest, "--store", file_store)
     assert proc.returncode == 1
-    assert "corrupt" in error_line(proc)
+    assert "corrupt" in error_line(proc) and named in error_line(proc)
     assert not dest.exists()
 
 

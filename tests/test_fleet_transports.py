@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.fleetkit import (
+    Agent,
     cli_json,
     fleet_toml,
     model,
@@ -30,71 +30,13 @@ from tests.fleetkit import (
     release_bytes_on_disk,
     source_files,
     spawn_cli,
+    start_agent,
     tree,
 )
 from tests.helpers import run_cli, tree_digest
-from tests.servers import free_port
 from tests.sshd import SshLab, sshd_binary, weightship_script
 
 pytestmark = pytest.mark.skipif(sshd_binary() is None, reason="openssh-server is not installed (apt-get install)")
-
-
-@dataclass
-class Agent:
-    dir: Path
-    port: int
-    token: str
-    proc: subprocess.Popen
-
-    @property
-    def cache(self) -> Path:
-        return self.dir / "cache"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def start_agent(d: Path, policy: Path, env: dict[str, str]) -> Agent:
-    import httpx
-
-    d.mkdir(parents=True)
-    token = secrets.token_urlsafe(24)
-    (d / "token").write_text(token + "\n")
-    (d / "token").chmod(0o600)
-    port = free_port()
-    log = open(d / "agent.log", "ab")  # noqa: SIM115 - the child owns it
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
-    full_env.update(env)
-    cmd = [weightship_script(), "agent", "serve", "--cache", str(d / "cache"), "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--token-file", str(d / "token"), "--policy", str(policy)]
-    try:
-        proc = subprocess.Popen(
-            cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    finally:
-        log.close()
-    agent = Agent(d, port, token, proc)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"agent exited: {(d / 'agent.log').read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            r = httpx.get(f"{agent.url}/v1/health", headers={"Authorization": f"Bearer {token}"}, timeout=1)
-            if r.status_code == 200:
-                return agent
-        time.sleep(0.1)
-    agent.stop()
-    raise RuntimeError("agent did not come up")
 
 
 @dataclass

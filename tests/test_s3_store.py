@@ -348,17 +348,23 @@ def test_presigned_urls_need_no_credentials(s3_store_url, tmp_path, monkeypatch)
 
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 from pathlib import Path
 from weightship.store.s3 import S3Store
+
+def peak_kb():  # VmHWM: this process's own peak (ru_maxrss would include its parent's, from before exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 url, hexdigest, src, size, dest = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 bucket, _, prefix = url[5:].partition("/")
 store = S3Store(bucket, prefix, part_size=5 * 2**20, concurrency=4)
 store._ready()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_kb()
 store.put_blob(hexdigest, src, size)
 store.get_blob(hexdigest, dest, size)
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, peak_kb())
 """
 
 

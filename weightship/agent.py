@@ -10,18 +10,32 @@ Every endpoint, including unknown paths, answers 401 without the bearer token. T
     GET  /v1/status?ref=&version=&digest=   the engine's status document
     POST /v1/gc            {"keep": 2, "dry_run": false}
     POST /v1/verify        {"ref": "NAME:VERSION"}
+    POST /v1/have          {"blobs": [HEX…]}  {"blobs": {HEX: SIZE}, "partial": {HEX: BYTES}}
+    GET  /v1/blobs/sha256/HEX?wait=S     a blob's bytes for a peer (Range: bytes=N-)
 
 The agent applies its own ``--policy`` (a weightship.toml's [policy]) to every warm:
 nothing a caller sends can loosen it.
+
+Peers: ``GET /v1/blobs/sha256/HEX`` also accepts a *peer token*, ``peer.EXPIRES.HMAC``
+(HMAC-SHA256 keyed with the agent's token, see :func:`peer_token`), which ``weightship
+warm`` mints for the other nodes of the region: it reads blobs until it expires and does
+nothing else, so a node never holds another node's agent token. The answer is 200 or 206
+with the bytes of a verified blob, or of a blob a warm is fetching now (streamed as they
+arrive: the receiver verifies the whole sha256, as it does for any source); 503 with
+Retry-After when a running warm will fetch the blob but has not started it; 404 when the
+agent neither holds nor expects it after ``wait`` seconds (at most 30).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
+import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,6 +46,33 @@ from weightship.errors import WeightshipError
 from weightship.node import PROTOCOL, NodeCache, WarmRequest
 
 MAX_JOBS = 200
+# Bytes per body message of a peer stream.
+PEER_CHUNK = 1024 * 1024
+# A blob being fetched here that has not grown for this long: end the peer's stream, so
+# that it goes on from another source.
+PEER_STALL = 20.0
+# A peer asking for a blob queued here is held this long for its first byte, then told 503.
+PEER_HOLD = 10.0
+_BLOB_PATH = re.compile(r"^/v1/blobs/sha256/[0-9a-f]{64}$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+def peer_token(token: str, expires: int) -> str:
+    """A read-only credential for this agent's blob endpoint, valid until ``expires``
+    (Unix time), derived from the agent's token: whoever holds the agent token can mint
+    one, and one reveals nothing about the agent token."""
+    mac = hmac.new(token.encode(), f"weightship-peer-read:{expires}".encode(), hashlib.sha256).hexdigest()
+    return f"peer.{expires}.{mac}"
+
+
+def check_peer_token(token: str, presented: str, now: float | None = None) -> bool:
+    parts = presented.split(".")
+    if len(parts) != 3 or parts[0] != "peer" or not parts[1].isdigit():
+        return False
+    expires = int(parts[1])
+    if expires < (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(peer_token(token, expires).encode(), presented.encode())
 
 
 @dataclass
@@ -98,7 +139,7 @@ def create_app(cache: NodeCache, token: str):
         async def __call__(self, scope, receive, send) -> None:
             if scope["type"] == "http":
                 got = dict(scope["headers"]).get(b"authorization", b"")
-                if not hmac.compare_digest(got, expected):
+                if not hmac.compare_digest(got, expected) and not _peer_read(scope, got):
                     resp = JSONResponse(
                         {"error": "missing or wrong bearer token"},
                         status_code=401,
@@ -107,6 +148,14 @@ def create_app(cache: NodeCache, token: str):
                     await resp(scope, receive, send)
                     return
             await self.app(scope, receive, send)
+
+    def _peer_read(scope, got: bytes) -> bool:
+        # A peer token opens the blob endpoint, and nothing else.
+        if scope["method"] not in ("GET", "HEAD") or not _BLOB_PATH.match(scope["path"]):
+            return False
+        if not got.startswith(b"Bearer peer."):
+            return False
+        return check_peer_token(token, got[len(b"Bearer ") :].decode(errors="replace"))
 
     def error(e: Exception, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=status)
@@ -198,6 +247,111 @@ def create_app(cache: NodeCache, token: str):
             return error(e)
         return JSONResponse(result)
 
+    async def have(request: Request) -> JSONResponse:
+        try:
+            doc = await body_json(request)
+            hexes = doc.get("blobs")
+            if not isinstance(hexes, list):
+                raise ValueError('pass {"blobs": [HEX…]}')
+            result = await asyncio.to_thread(cache.have, hexes)
+        except (ValueError, TypeError, WeightshipError) as e:
+            return error(e)
+        return JSONResponse(result)
+
+    async def blob(request: Request):
+        h = request.path_params["hex"]
+        try:
+            wait = min(30.0, max(0.0, float(request.query_params.get("wait", "0"))))
+        except ValueError:
+            return error(ValueError("wait must be a number of seconds"))
+        now = time.monotonic()
+        deadline, hold = now + wait, now + PEER_HOLD
+        loop = asyncio.get_running_loop()
+        while True:
+            arriving = cache.arrivals.get(h)
+            found = cache.open_peer_blob(h)
+            now = time.monotonic()
+            if found == "absent" and now < deadline:
+                # A warm starting here may announce it any moment.
+                await asyncio.sleep(0.05)
+                continue
+            if found == "queued" and arriving is not None and now < hold:
+                # Hold the request until its first byte is here: a relay chain then moves as
+                # soon as its head does, rather than at the pace of its receivers' polling.
+                ready = asyncio.Event()
+                if cache.arrivals.wait(h, arriving[2], lambda ev=ready: loop.call_soon_threadsafe(ev.set)):
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(ready.wait(), hold - now)
+                continue
+            break
+        if found == "absent":
+            return error(LookupError(f"blob {h[:12]}… is not on this node"), 404)
+        if found == "queued":
+            return JSONResponse(
+                {"state": "queued", "error": f"blob {h[:12]}… is queued behind this node's other downloads"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        assert not isinstance(found, str)
+        blob = found
+        start, end = 0, blob.size
+        rng = request.headers.get("range")
+        if rng:
+            m = _RANGE.match(rng.strip())
+            if not m:
+                blob.close()
+                return error(ValueError("only Range: bytes=START- or bytes=START-END is served"), 416)
+            start = int(m.group(1))
+            if m.group(2):
+                end = min(blob.size, int(m.group(2)) + 1)
+            if start > end or (start == end and blob.size):
+                blob.close()
+                return JSONResponse(
+                    {"error": "range outside the blob"},
+                    status_code=416,
+                    headers={"Content-Range": f"bytes */{blob.size}"},
+                )
+        headers = {
+            "Content-Length": str(end - start),
+            "Accept-Ranges": "bytes",
+            "X-Weightship-Blob": "complete" if blob.complete else "arriving",
+        }
+        if rng:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+
+        async def body():
+            pos = start
+            try:
+                while pos < end:
+                    avail = blob.available()
+                    if avail > pos:
+                        # Read in the event loop: what peers ask for was just written or
+                        # verified here and is in the page cache; a thread hop per MiB costs more.
+                        data = blob.read(pos, min(PEER_CHUNK, end - pos, avail - pos))
+                        if not data:
+                            return
+                        pos += len(data)
+                        yield data
+                        continue
+                    ticks = blob.ticks()
+                    state = blob.state()
+                    if state == "gone":
+                        return  # the download failed or started over: the receiver goes elsewhere
+                    if state == "complete" or blob.available() > pos:
+                        continue
+                    more = asyncio.Event()
+                    if not blob.wait(ticks, lambda ev=more: loop.call_soon_threadsafe(ev.set)):
+                        continue
+                    try:
+                        await asyncio.wait_for(more.wait(), PEER_STALL)
+                    except asyncio.TimeoutError:
+                        return  # stalled: a short body tells the receiver to go on elsewhere
+            finally:
+                blob.close()
+
+        status = 206 if rng else 200
+        return StreamingResponse(body(), status_code=status, headers=headers, media_type="application/octet-stream")
+
     routes = [
         Route("/v1/health", health),
         Route("/v1/warm", warm, methods=["POST"]),
@@ -206,6 +360,8 @@ def create_app(cache: NodeCache, token: str):
         Route("/v1/status", status),
         Route("/v1/gc", gc, methods=["POST"]),
         Route("/v1/verify", verify, methods=["POST"]),
+        Route("/v1/have", have, methods=["POST"]),
+        Route("/v1/blobs/sha256/{hex:str}", blob, methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     return Auth(app)
@@ -227,10 +383,23 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, n
 
 
+def _preload() -> None:
+    """Import what a warm needs before saying we serve: a fleet's agents are often
+    started together and warmed at once, and fifty first warms each importing the
+    verification and HTTP stacks on a small machine queue behind each other's CPU."""
+    import httpx  # noqa: F401
+
+    import weightship.release  # noqa: F401
+    from weightship.sources import shared_ssl_context
+
+    shared_ssl_context()
+
+
 def serve(cache: NodeCache, token: str, host: str, port: int, announce=print) -> None:
     import uvicorn
 
     cache.ensure()
+    _preload()
     config = uvicorn.Config(
         create_app(cache, token),
         host=host,

@@ -124,6 +124,15 @@ StoreOpt = Annotated[
     str | None, typer.Option("--store", help="Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON document.")]
+GithubOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--output-github/--no-output-github",
+        help="Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); "
+        "on by default when GITHUB_OUTPUT is set.",
+        show_default=False,
+    ),
+]
 IgnoreOpt = Annotated[
     list[str] | None, typer.Option("--ignore", help="Path (relative to DIR) to leave out; repeatable.")
 ]
@@ -292,7 +301,14 @@ def verify(
     with rep.task("hashing", _tree_size(directory)) as advance:
         verified = verify_directory(directory, policy, signature=signature, ignore=ignore or [], progress=advance)
     if json_:
-        emit_json({"verified": True, "files": len(verified.statement.resources), "signer": verified.signer.to_dict()})
+        emit_json(
+            {
+                "schema": "weightship.verify/v1",
+                "verified": True,
+                "files": len(verified.statement.resources),
+                "signer": verified.signer.to_dict(),
+            }
+        )
     else:
         say(ctx, f"verified {len(verified.statement.resources)} files, signed by {verified.signer.describe()}")
 
@@ -322,14 +338,18 @@ def publish(
         list[str] | None, typer.Option("--exclude", help="hf:// only: glob of Hub files to leave out; repeatable.")
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", min=1, max=64, help="Parallel transfers per blob (S3).")
+        int | None,
+        typer.Option("--concurrency", min=1, max=64, help="S3 parts in flight at once, across all blobs (default 8)."),
     ] = None,
     json_: JsonOpt = False,
+    output_github: GithubOpt = None,
 ) -> None:
     """Pack, sign and push a model directory; unchanged blobs are not uploaded again."""
-    from weightship import provenance, release
+    from weightship import github, provenance, release
     from weightship.progress import human_bytes
 
+    # Checked before any work, so that a misplaced --output-github costs no upload.
+    to_github = github.enabled(output_github)
     if concurrency:
         os.environ["WEIGHTSHIP_S3_CONCURRENCY"] = str(concurrency)
     signer = make_signer(
@@ -358,6 +378,8 @@ def publish(
         reporter=rep,
         packed=packed,
     )
+    if to_github:
+        github.publish(result.to_dict())
     if json_:
         emit_json(result.to_dict())
         return
@@ -433,6 +455,8 @@ def show(
         signer_doc = {"verified": False, "claimed": signer_text}
     if json_:
         doc = rel.manifest.to_dict()
+        # Not a manifest any more (digest, signer and tags added): it gets its own schema.
+        doc["schema"] = "weightship.show/v1"
         doc["digest"] = rel.digest
         doc["signer"] = signer_doc
         doc["tags"] = sorted(t for t, v in release.tags(st, rel.name).items() if v == rel.version)
@@ -468,7 +492,15 @@ def tag(
     st = open_store(ctx, store)
     rel = release.move_tag(st, ref, new_tag)
     if json_:
-        emit_json({"name": rel.name, "tag": new_tag, "version": rel.version, "digest": rel.digest})
+        emit_json(
+            {
+                "schema": "weightship.tag/v1",
+                "name": rel.name,
+                "tag": new_tag,
+                "version": rel.version,
+                "digest": rel.digest,
+            }
+        )
         return
     say(ctx, f"{rel.name}:{new_tag} -> {rel.version} ({rel.digest})")
 

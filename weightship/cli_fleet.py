@@ -16,6 +16,7 @@ import typer
 
 from weightship.cli import (
     CertChainOpt,
+    GithubOpt,
     IdentityOpt,
     IdentityRegexOpt,
     IssuerOpt,
@@ -147,6 +148,23 @@ def warm(
     max_rate: Annotated[
         str | None, typer.Option("--max-rate", help="Per-node download limit in bytes/s, e.g. 200M.")
     ] = None,
+    peers: Annotated[
+        bool,
+        typer.Option(
+            "--peers/--no-peers",
+            help="Let agent nodes fetch blobs from each other, so each blob crosses the origin link once "
+            "(the default), or have every node fetch from the origin.",
+        ),
+    ] = True,
+    plan_only: Annotated[
+        bool,
+        typer.Option(
+            "--plan", help="Dry run: print per node the bytes missing and where they would come from; warm nothing."
+        ),
+    ] = False,
+    hot: Annotated[
+        bool, typer.Option("--hot", help="Also read the release into each node's page cache once it is ready.")
+    ] = False,
     accept_new_host_keys: AcceptNewOpt = False,
     no_verify: Annotated[
         bool,
@@ -163,6 +181,7 @@ def warm(
     fleet: FleetOpt = None,
     store: StoreOpt = None,
     json_: JsonOpt = False,
+    output_github: GithubOpt = None,
 ) -> None:
     """Warm a release onto every cache node of a region before traffic needs it.
 
@@ -173,11 +192,12 @@ def warm(
     """
     import asyncio
 
-    from weightship import refs, release
+    from weightship import github, refs, release
     from weightship import warm as w
     from weightship.fleet import parse_size
     from weightship.store import open_store
 
+    to_github = github.enabled(output_github)
     if credentials not in ("presigned", "node"):
         raise UsageError(f"--credentials {credentials!r}", "choose presigned or node")
     required = w.parse_share(min_ready, "--min-ready")
@@ -201,7 +221,22 @@ def warm(
             signer = release.check_signature(rel, policy)
             if not json_ and signer:
                 say(ctx, f"{rel.ref}: signature verified here ({signer.describe()}); each node checks its own policy")
-    req = w.build_request(st, rel, credentials=credentials, tags=tags, pin=pin, max_rate=rate)
+    req = w.build_request(st, rel, credentials=credentials, tags=tags, pin=pin, max_rate=rate, hot=hot)
+    transport_for = _transport_for(cfg, accept_new_host_keys)
+    plan = None
+    # Peers need at least two agents (only agents serve them); a plan asks every node first.
+    if plan_only or (peers and sum(n.kind == "agent" for n in reg.nodes) >= 2):
+        plan = asyncio.run(w.plan_warm(reg.nodes, rel.manifest, transport_for, peers=peers, parallel=parallel))
+    if plan_only:
+        assert plan is not None
+        if json_:
+            emit_json(
+                {"schema": "weightship.warm-plan/v1", "ref": ref, "digest": rel.digest, "region": reg.name}
+                | plan.to_dict()
+            )
+        else:
+            w.render_plan(plan, f"plan for {rel.ref} in {reg.name} ({len(reg.nodes)} nodes; nothing is fetched)")
+        return
     display = w.make_display(_quiet(ctx), json_)
     if not json_:
         say(ctx, f"warming {rel.ref} ({rel.digest[:19]}…) on {len(reg.nodes)} nodes of {reg.name}")
@@ -215,28 +250,32 @@ def warm(
             retries=retries,
             detach=not wait,
             display=display,
+            plan=plan if peers else None,
         )
     )
     good = "ready" if wait else "accepted"
     ready = sum(1 for row in rows if row.state == good)
     need = required(len(rows))
     ok = ready >= need
+    # The --json document (docs/json.md, weightship/schemas/warm.v1.json); GitHub outputs derive from it.
+    doc: dict[str, Any] = {
+        "schema": "weightship.warm/v1",
+        "ref": ref,
+        "name": rel.name,
+        "version": rel.version,
+        "digest": rel.digest,
+        "region": reg.name,
+        "tags": tags,
+        "nodes": [row.to_dict() for row in rows],
+        good: ready,
+        "total": len(rows),
+        "required": need,
+        "ok": ok,
+    }
+    if to_github:
+        github.fleet("warm", doc)
     if json_:
-        emit_json(
-            {
-                "ref": ref,
-                "name": rel.name,
-                "version": rel.version,
-                "digest": rel.digest,
-                "region": reg.name,
-                "tags": tags,
-                "nodes": [row.to_dict() for row in rows],
-                good: ready,
-                "total": len(rows),
-                "required": need,
-                "ok": ok,
-            }
-        )
+        emit_json(doc)
     else:
         w.render_warm(rows, f"{rel.ref} in {reg.name}: {ready}/{len(rows)} {good} (required {need})")
     if not ok:
@@ -260,6 +299,7 @@ def status(
     fleet: FleetOpt = None,
     store: StoreOpt = None,
     json_: JsonOpt = False,
+    output_github: GithubOpt = None,
 ) -> None:
     """Per node: state, the version the tag points at, bytes present, verified and by whom,
     free space, last warm, error. Exit 0 only when --require of the nodes are ready (for a
@@ -267,10 +307,11 @@ def status(
     import asyncio
     import time
 
-    from weightship import refs, release
+    from weightship import github, refs, release
     from weightship import warm as w
     from weightship.store import open_store
 
+    to_github = github.enabled(output_github)
     required = w.parse_share(require, "--require")
     seconds = w.parse_duration(timeout)
     cfg, fl = _fleet(ctx, fleet)
@@ -304,19 +345,23 @@ def status(
         if not json_ and not _quiet(ctx):
             print(f"{title}: {ready}/{len(rows)} ready (need {need}); checking again in {interval:g}s", file=sys.stderr)
         time.sleep(interval if not deadline else max(0.0, min(interval, deadline - time.monotonic())))
+    # The --json document (docs/json.md, weightship/schemas/status.v1.json); GitHub outputs derive from it.
+    doc: dict[str, Any] = {
+        "schema": "weightship.status/v1",
+        "ref": ref,
+        "regions": [reg.name for reg in regions],
+        "nodes": rows,
+        "ready": ready,
+        "total": len(rows),
+        "required": need,
+        "ok": ok,
+    }
+    if ref is not None:
+        q = next(iter(queries.values()))
+        doc.update(version=q.version, digest=q.digest)
+    if to_github:
+        github.fleet("status", doc)
     if json_:
-        doc: dict[str, Any] = {
-            "ref": ref,
-            "regions": [reg.name for reg in regions],
-            "nodes": rows,
-            "ready": ready,
-            "total": len(rows),
-            "required": need,
-            "ok": ok,
-        }
-        if ref is not None:
-            q = next(iter(queries.values()))
-            doc.update(version=q.version, digest=q.digest)
         emit_json(doc)
     else:
         word = "ready" if ref is not None else "reachable"
@@ -446,6 +491,9 @@ def node_warm(
         Path | None, typer.Option("--request", help="Warm request JSON (default: read from standard input).")
     ] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Go on in the background; print the accepted job.")] = False,
+    hot: Annotated[
+        bool, typer.Option("--hot", help="Then read the release into the page cache (bounded memory).")
+    ] = False,
     capacity: CapacityOpt = None,
     policy: PolicyFileOpt = None,
     json_: JsonOpt = False,
@@ -465,6 +513,8 @@ def node_warm(
             raise UsageError("no warm request", "pipe one on standard input or pass --request FILE")
         data = sys.stdin.buffer.read()
     req = WarmRequest.from_json(data)
+    if hot:
+        req.hot = True
     if detach:
         _detach(ctx, node, req, policy, capacity, json_)
         return
@@ -530,6 +580,36 @@ def _detach(ctx: typer.Context, node, req, policy: Path | None, capacity: str | 
         _Out().line(doc)
     else:
         print(f"accepted: warming in the background (log {doc['log']})")
+
+
+@node_app.command("have")
+@_node_errors
+def node_have(
+    ctx: typer.Context,
+    cache: CacheOpt,
+    json_: JsonOpt = False,
+) -> None:
+    """Which of the blobs named on standard input ({"blobs": [HEX…]}) this cache holds, and
+    how much of the others it has partly downloaded (what warm's planner asks)."""
+    from weightship.node import NodeCache
+
+    if sys.stdin.isatty():
+        raise UsageError("no blob list", 'pipe {"blobs": [HEX…]} on standard input')
+    try:
+        doc = json.loads(sys.stdin.buffer.read())
+        hexes = doc["blobs"]
+        if not isinstance(hexes, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise UsageError('standard input must be {"blobs": [HEX…]}') from None
+    result = NodeCache(cache).have(hexes)
+    if json_:
+        _Out().line(result)
+        return
+    for h, size in result["blobs"].items():
+        print(f"{h}  {size}")
+    for h, size in result["partial"].items():
+        print(f"{h}  {size} (partial)")
 
 
 @node_app.command("status")

@@ -21,6 +21,7 @@ from pathlib import Path
 from weightship import oms, pack, refs
 from weightship.errors import (
     ConflictError,
+    IntegrityError,
     NotFoundError,
     PolicyError,
     SignatureError,
@@ -87,7 +88,8 @@ class PublishResult:
     store: str
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        # The --json document (docs/json.md, weightship/schemas/publish.v1.json).
+        return {"schema": "weightship.publish/v1", **self.__dict__, "release": f"{self.name}@{self.digest}"}
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -326,7 +328,8 @@ class PullResult:
     signer: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        # The --json document (docs/json.md, weightship/schemas/pull.v1.json).
+        return {"schema": "weightship.pull/v1", **self.__dict__}
 
 
 def pull(
@@ -365,7 +368,12 @@ def pull(
 
         def fetch(h: str) -> int:
             part = blobs_dir / f"{h}.part"
-            n = store.get_blob(h, part, blobs[h], advance)
+            try:
+                n = store.get_blob(h, part, blobs[h], advance)
+            except IntegrityError as e:
+                # Stores speak of blobs; the person reading this knows files.
+                files = ", ".join(f.path for f in release.manifest.files if f.sha256 == h)
+                raise IntegrityError(f"{files}: {e.message}", e.hint or "re-publish the release") from None
             os.replace(part, blobs_dir / h)
             return n
 

@@ -4,6 +4,14 @@ A release is resolved once in the store; every node is handed the same manifest 
 signature bytes, and URLs (or the store's address, with ``--credentials node``) to fetch
 blobs from: a node never receives the caller's credentials. Each node's own engine does
 the rest and reports events, which become one live row per node.
+
+Peer-assisted warms (:func:`plan_warm`): the planner asks every node which blobs it has,
+then gives each blob one *root* in the region (an agent that holds it, or else one that
+fetches it from the origin, spreading origin bytes evenly over the agents) and arranges
+the other nodes that need it in a tree below the root, each fetching from its parent
+while the parent is still receiving. So each blob crosses the origin link once, and no
+node sends a blob to more than ``PEER_FANOUT`` others. Each node is told its sources per
+blob, in order (parent, root, other holders); the origin is always the last resort.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 
 from weightship.errors import UsageError, WeightshipError
 from weightship.fleet import Node
+from weightship.manifest import Manifest
 from weightship.node import WarmRequest
 from weightship.progress import human_bytes
 from weightship.transports.base import NodeFailed, NodeUnreachable, Transport
@@ -27,6 +36,9 @@ TransportFor = Callable[[Node], Transport]
 RETRY_DELAYS = (1.0, 3.0, 8.0)
 PRESIGN_EXPIRES = 6 * 3600
 STATUS_TIMEOUT = 30.0
+# A node relays a blob to at most this many peers, so that no link carries a blob to the
+# whole region; the tree is log(N) deep, and relays stream what they are still receiving.
+PEER_FANOUT = 4
 
 
 # -- parsing -----------------------------------------------------------------------------
@@ -71,6 +83,7 @@ def build_request(
     pin: bool = False,
     max_rate: int | None = None,
     expires: int = PRESIGN_EXPIRES,
+    hot: bool = False,
 ) -> WarmRequest:
     """The one request every node of a region gets (capacity is filled in per node)."""
     if credentials == "node":
@@ -94,6 +107,233 @@ def build_request(
         tags=list(tags or []),
         pin=pin,
         max_rate=max_rate,
+        hot=hot,
+    )
+
+
+# -- peer-assisted planning --------------------------------------------------------------
+
+
+@dataclass
+class NodePlan:
+    """What one node will fetch, and from where, if nothing fails."""
+
+    node: Node
+    missing: int | None = None  # bytes it lacks; None when it did not answer
+    from_origin: int = 0
+    from_peers: dict[str, int] = field(default_factory=dict)
+    serves: int = 0  # bytes it relays to peers
+    error: str | None = None
+    blobs: dict[str, list[str]] = field(default_factory=dict)  # HEX -> peers to try, in order
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node.name,
+            "transport": self.node.transport,
+            "state": "unreachable" if self.error else "ok",
+            "missing": self.missing,
+            "from_origin": self.from_origin,
+            "from_peers": dict(sorted(self.from_peers.items())),
+            "serves": self.serves,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Plan:
+    """Who fetches which blob from where. ``order`` is the order nodes start in: relays
+    first, so that nobody waits on a node still queued behind ``--parallel``."""
+
+    nodes: list[NodePlan]
+    release_bytes: int
+    peers: bool
+    order: list[Node]
+    endpoints: dict[str, dict[str, str]] = field(default_factory=dict)  # peer -> {url, token}
+
+    @property
+    def origin_bytes(self) -> int:
+        return sum(n.from_origin for n in self.nodes)
+
+    @property
+    def origin_bytes_without_peers(self) -> int:
+        return sum(self.release_bytes if n.missing is None else n.missing for n in self.nodes)
+
+    def node(self, name: str) -> NodePlan:
+        return next(n for n in self.nodes if n.node.name == name)
+
+    def peers_for(self, node: Node) -> dict[str, Any] | None:
+        """The ``peers`` part of this node's warm request."""
+        np = self.node(node.name)
+        if not np.blobs:
+            return None
+        names = sorted({p for ps in np.blobs.values() for p in ps})
+        return {"nodes": {n: self.endpoints[n] for n in names}, "blobs": dict(np.blobs)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peers": self.peers,
+            "release_bytes": self.release_bytes,
+            "origin_bytes": self.origin_bytes,
+            "origin_bytes_without_peers": self.origin_bytes_without_peers,
+            "nodes": [n.to_dict() for n in self.nodes],
+        }
+
+
+def make_plan(
+    nodes: list[Node],
+    blobs: dict[str, int],
+    inventory: dict[str, dict[str, Any] | str],
+    *,
+    peers: bool = True,
+    parallel: int = 16,
+    servers: set[str] | None = None,
+) -> Plan:
+    """The plan, from each node's answer to ``have`` (a document, or an error string).
+    ``servers`` are the nodes that can serve peers (agents; default: every node)."""
+    total = sum(blobs.values())
+    plans = {n.name: NodePlan(n) for n in nodes}
+    need: dict[str, dict[str, int]] = {}
+    whole: dict[str, set[str]] = {}
+    for n in nodes:
+        inv = inventory.get(n.name)
+        if isinstance(inv, dict):
+            have = set(inv.get("blobs") or {})
+            partial = inv.get("partial") or {}
+            need[n.name] = {h: size - min(size, int(partial.get(h, 0))) for h, size in blobs.items() if h not in have}
+            whole[n.name] = have & set(blobs)
+            plans[n.name].missing = sum(need[n.name].values())
+        else:
+            plans[n.name].error = inv if isinstance(inv, str) else "no answer"
+            need[n.name] = dict(blobs)
+            whole[n.name] = set()
+    can_serve = [n for n in nodes if isinstance(inventory.get(n.name), dict) and (servers is None or n.name in servers)]
+    order = can_serve + [n for n in nodes if n not in can_serve]
+    plan = Plan([plans[n.name] for n in nodes], total, peers, order)
+    first_wave = {n.name for n in order[: max(1, parallel)]}
+    # Only nodes warming from the start relay what they are receiving: one that waits for
+    # a --parallel slot would hold its children up.
+    relays = [n for n in can_serve if n.name in first_wave]
+    if not peers or not can_serve or len(nodes) < 2:
+        for n in nodes:
+            plans[n.name].from_origin = sum(need[n.name].values())
+        return plan
+    origin_load = {n.name: 0 for n in nodes}
+    for b, (h, size) in enumerate(sorted(blobs.items(), key=lambda kv: (-kv[1], kv[0]))):
+        needers = [n for n in order if h in need[n.name]]
+        if not needers:
+            continue
+        holders = [n for n in can_serve if h in whole[n.name]]
+        inner = [n for n in needers if n in relays]
+        if holders:
+            root = min(holders, key=lambda n: plans[n.name].serves)
+            others = [x.name for x in holders if x is not root]
+        elif inner:
+            root = min(inner, key=lambda n: (origin_load[n.name], need[n.name][h]))
+            inner.remove(root)
+            plans[root.name].from_origin += need[root.name][h]
+            origin_load[root.name] += size
+            others = []
+        else:
+            # Nobody here can relay it: each node that needs it fetches it from the origin.
+            for n in needers:
+                plans[n.name].from_origin += need[n.name][h]
+            continue
+        # Rotated per blob, so that every relay is near the root of some trees and a leaf
+        # of others: the relaying work is spread over the region.
+        k = b % len(inner) if inner else 0
+        tree = [root, *inner[k:], *inner[:k]]
+        leaves = [n for n in needers if n not in tree]
+        for i, n in enumerate(tree[1:] + leaves, start=1):
+            parent = tree[(i - 1) // PEER_FANOUT] if i < len(tree) else tree[(i - len(tree)) % len(tree)]
+            sources = list(dict.fromkeys([parent.name, root.name, *others]))
+            plans[n.name].blobs[h] = sources
+            plans[n.name].from_peers[parent.name] = plans[n.name].from_peers.get(parent.name, 0) + need[n.name][h]
+            plans[parent.name].serves += need[n.name][h]
+    return plan
+
+
+async def plan_warm(
+    nodes: list[Node],
+    manifest: Manifest,
+    transport_for: TransportFor,
+    *,
+    peers: bool = True,
+    parallel: int = 16,
+    expires: int = PRESIGN_EXPIRES,
+    timeout: float = STATUS_TIMEOUT,
+) -> Plan:
+    """Ask every node what it has of the release, and plan who fetches what from where.
+    Agents serve peers; ssh and local nodes only receive (they run no server)."""
+    from weightship.agent import peer_token
+
+    blobs = manifest.blobs()
+    hexes = sorted(blobs)
+    sem = asyncio.Semaphore(32)
+
+    async def one(node: Node) -> tuple[str, dict[str, Any] | str]:
+        async with sem:
+            try:
+                transport = transport_for(node)
+            except WeightshipError as e:
+                return node.name, str(e)
+            try:
+                return node.name, await asyncio.wait_for(transport.have(hexes), timeout)
+            except asyncio.TimeoutError:
+                return node.name, f"no answer within {timeout:g}s"
+            except WeightshipError as e:
+                return node.name, str(e)
+            finally:
+                await transport.close()
+
+    inventory = dict(await asyncio.gather(*(one(n) for n in nodes)))
+    until = int(time.time()) + expires
+    endpoints: dict[str, dict[str, str]] = {}
+    for n in nodes:
+        if n.kind != "agent" or not isinstance(inventory.get(n.name), dict):
+            continue
+        try:
+            token = n.read_token()
+        except WeightshipError:
+            continue
+        host = f"[{n.host}]" if n.host and ":" in n.host else n.host
+        endpoints[n.name] = {"url": f"http://{host}:{n.port}", "token": peer_token(token, until)}
+    plan = make_plan(nodes, blobs, inventory, peers=peers, parallel=parallel, servers=set(endpoints))
+    plan.endpoints = endpoints
+    return plan
+
+
+def render_plan(plan: Plan, title: str) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE, title_justify="left")
+    for col in ("node", "missing", "from origin", "from peers", "relays"):
+        table.add_column(col, justify="left" if col in ("node", "from peers") else "right")
+    for n in plan.nodes:
+        if n.error:
+            table.add_row(n.node.name, "?", human_bytes(n.from_origin), "", "", style="red")
+            continue
+        peers = ", ".join(f"{p} {human_bytes(b)}" for p, b in sorted(n.from_peers.items()))
+        table.add_row(
+            n.node.name,
+            human_bytes(n.missing or 0),
+            human_bytes(n.from_origin),
+            peers,
+            human_bytes(n.serves) if n.serves else "",
+        )
+    console = _console()
+    console.print(table)
+    for n in plan.nodes:
+        if n.error:
+            console.print(f"{n.node.name}: unreachable: {n.error}", markup=False, soft_wrap=True)
+    ratio = plan.origin_bytes / plan.release_bytes if plan.release_bytes else 0.0
+    without = human_bytes(plan.origin_bytes_without_peers)
+    how = "with peers" if plan.peers else "without peers (--no-peers)"
+    console.print(
+        f"the origin will send {human_bytes(plan.origin_bytes)} ({ratio:.2f} x the release) {how}; "
+        f"{without} if every node fetched from it",
+        markup=False,
+        soft_wrap=True,
     )
 
 
@@ -133,6 +373,10 @@ class Row:
             "bytes_total": self.bytes_total,
             "bytes_fetched": self.bytes_fetched,
             "bytes_reused": res.get("bytes_reused"),
+            "bytes_from_origin": res.get("bytes_from_origin"),
+            "bytes_from_peers": res.get("bytes_from_peers") or {},
+            "bad_peers": res.get("bad_peers") or [],
+            "hot_bytes": res.get("hot_bytes"),
             "verified": res.get("verified"),
             "signer": res.get("signer"),
             "evicted": res.get("evicted", []),
@@ -252,11 +496,16 @@ async def warm_nodes(
     retries: int = 2,
     detach: bool = False,
     display: Display | None = None,
+    plan: Plan | None = None,
 ) -> list[Row]:
     """Warm every node concurrently (at most ``parallel`` at once), retrying transient
-    failures; return one row per node, in the order given."""
+    failures; return one row per node, in the order given. With a ``plan``, each node is
+    told its peers, and nodes start in the plan's order (relays first)."""
     display = display or Display()
     rows = [Row(n) for n in nodes]
+    by_name = {r.node.name: r for r in rows}
+    starting = [by_name[n.name] for n in plan.order if n.name in by_name] if plan else rows
+    starting += [r for r in rows if r not in starting]
     sem = asyncio.Semaphore(max(1, parallel))
 
     async def one(row: Row) -> None:
@@ -270,13 +519,16 @@ async def warm_nodes(
                 return
             try:
                 req = replace(request, capacity=row.node.capacity)
+                if plan is not None:
+                    req = replace(req, peers=plan.peers_for(row.node))
                 await _warm_with_retries(row, transport, req, retries, detach, display)
             finally:
                 await transport.close()
 
     display.start(rows)
     try:
-        tasks = [asyncio.ensure_future(one(r)) for r in rows]
+        # Created in start order: the semaphore lets them in first come, first served.
+        tasks = [asyncio.ensure_future(one(r)) for r in starting]
         done, pending = await asyncio.wait(tasks, timeout=timeout)
         for t in pending:
             t.cancel()
@@ -486,6 +738,20 @@ def render_warm(rows: list[Row], title: str) -> None:
         for ev in (r.result or {}).get("evicted") or []:
             freed = human_bytes(ev.get("freed_bytes", 0))
             console.print(f"{r.node.name}: evicted {ev['name']}:{ev['version']} (freed {freed})")
+        for bad in (r.result or {}).get("bad_peers") or []:
+            console.print(
+                f"{r.node.name}: peer {bad.get('peer')} {bad.get('error')} ({bad.get('file')}); "
+                "fetched from another source",
+                markup=False,
+                soft_wrap=True,
+            )
+        if (r.result or {}).get("hot_note"):
+            console.print(f"{r.node.name}: {r.result['hot_note']}", markup=False, soft_wrap=True)
+    results = [r.result for r in rows if r.result]
+    if any(res.get("bytes_from_peers") for res in results):
+        origin = sum(res.get("bytes_from_origin") or 0 for res in results)
+        peers = sum(sum((res.get("bytes_from_peers") or {}).values()) for res in results)
+        console.print(f"from the origin {human_bytes(origin)}, from peers {human_bytes(peers)}")
 
 
 def render_status(rows: list[dict[str, Any]], title: str, with_ref: bool) -> None:
@@ -549,15 +815,20 @@ def _styled(state: str) -> str:
 
 __all__ = [
     "Display",
+    "NodePlan",
+    "Plan",
     "Query",
     "Row",
     "build_request",
     "gc_nodes",
     "is_ready",
     "make_display",
+    "make_plan",
     "parse_duration",
     "parse_share",
+    "plan_warm",
     "render_gc",
+    "render_plan",
     "render_status",
     "render_warm",
     "status_nodes",

@@ -671,6 +671,8 @@ class S3Store(Store):
                 self._buffers.give(buf)
 
         def stop_queued() -> None:
+            if cancelled.is_set():
+                return  # already done: a second pass would give buffers back twice
             cancelled.set()
             for f, buf in futures:
                 if f.cancel():

@@ -7,6 +7,7 @@ from typing import Any
 
 from weightship.fleet import Node
 from weightship.node import WarmRequest
+from weightship.sources import shared_ssl_context
 from weightship.transports.base import CONNECT_TIMEOUT, NodeFailed, NodeUnreachable, OnEvent, Transport
 
 # A warm's event stream is re-opened this many times (from the last event seen) when the
@@ -27,6 +28,7 @@ class AgentTransport(Transport):
             base_url=self.base,
             headers={"Authorization": f"Bearer {self._token}"},
             timeout=httpx.Timeout(60.0, connect=CONNECT_TIMEOUT),
+            verify=shared_ssl_context(),
         )
 
     async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
@@ -91,6 +93,9 @@ class AgentTransport(Transport):
 
     async def gc(self, keep: int, dry_run: bool) -> dict[str, Any]:
         return await self._call("POST", "/v1/gc", json={"keep": keep, "dry_run": dry_run})
+
+    async def have(self, hexdigests: list[str]) -> dict[str, Any]:
+        return await self._call("POST", "/v1/have", json={"blobs": hexdigests})
 
 
 def _reason(e: Exception) -> str:

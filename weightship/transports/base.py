@@ -50,5 +50,10 @@ class Transport(ABC):
     @abstractmethod
     async def gc(self, keep: int, dry_run: bool) -> dict[str, Any]: ...
 
+    async def have(self, hexdigests: list[str]) -> dict[str, Any]:
+        """Which of these blobs the node holds (``{"blobs": {HEX: SIZE}, "partial": {HEX: N}}``):
+        what a warm's planner asks before choosing who fetches what from where."""
+        raise NodeFailed(f"{type(self).__name__} cannot list a node's blobs")
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass

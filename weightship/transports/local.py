@@ -71,6 +71,9 @@ class LocalTransport(Transport):
     async def gc(self, keep: int, dry_run: bool) -> dict[str, Any]:
         return await _in_thread(lambda: self.cache.gc(keep, dry_run))
 
+    async def have(self, hexdigests: list[str]) -> dict[str, Any]:
+        return await _in_thread(lambda: self.cache.have(hexdigests))
+
 
 async def _in_thread(fn: Callable[[], T]) -> T:
     """Run fn in a daemon thread: a warm abandoned at --timeout must not hold up exit

@@ -204,6 +204,10 @@ class SshTransport(Transport):
             args.append("--dry-run")
         return await self._run(args)
 
+    async def have(self, hexdigests: list[str]) -> dict[str, Any]:
+        body = json.dumps({"blobs": hexdigests}).encode()
+        return await self._run(["have", "--cache", str(self.node.cache)], body)
+
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
