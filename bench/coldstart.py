@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from transfer import build_model  # noqa: E402
+from common import build_model, machine  # noqa: E402
 
 from tests.fleetkit import fleet_toml  # noqa: E402
 from tests.servers import start_seaweed  # noqa: E402
@@ -114,16 +113,6 @@ class ThrottledLink:
         # Deleting the namespace deletes its end of the pair, and with it the pair.
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-
-
-def machine() -> str:
-    mem = 0
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    cpus, kernel, py = os.cpu_count(), platform.release(), platform.python_version()
-    return f"{cpus} CPUs, {mem / 2**30:.0f} GiB memory, Linux {kernel}, Python {py}"
 
 
 def timed(fn) -> tuple[float, str]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from transfer import build_model  # noqa: E402
+from common import build_model, machine  # noqa: E402
 
 from tests.fleetkit import fleet_toml, node_toml, start_agents  # noqa: E402
 from tests.servers import start_seaweed  # noqa: E402
@@ -52,16 +51,6 @@ from tests.servers import start_seaweed  # noqa: E402
 MIB = 1024 * 1024
 EGRESS_TARGET = 1.1  # x the release, with peers, for every N
 WALL_TARGET = 1.5  # wall(N=8) / wall(N=1), with peers
-
-
-def machine() -> str:
-    mem = 0
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    cpus, kernel, py = os.cpu_count(), platform.release(), platform.python_version()
-    return f"{cpus} CPUs, {mem / 2**30:.0f} GiB memory, Linux {kernel}, Python {py}"
 
 
 def warm(work: Path, env: dict[str, str], region: str, peers: bool) -> dict:

@@ -40,6 +40,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_model
+
 MIB = 1024 * 1024
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 SIGN_RATIO_TARGET = 0.8
@@ -62,33 +65,6 @@ class Tool:
 
 
 # -- the model -----------------------------------------------------------------------------
-
-
-def build_model(root: Path, size_mib: int, shards: int, seed: int = 0) -> list[Path]:
-    """Write ``shards`` safetensors files totalling about ``size_mib`` MiB, plus index and config."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    per_shard = size_mib * MIB // shards
-    cols, tensors_per_shard = 1024, 4
-    rows = max(1, per_shard // (2 * cols * tensors_per_shard))
-    weight_map: dict[str, str] = {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {}
-        for t in range(tensors_per_shard):
-            tname = f"layers.{s * tensors_per_shard + t}.weight"
-            # Normal, not random bits: real weights, no NaN or inf patterns in the data.
-            tensors[tname] = rng.standard_normal((rows, cols), dtype=np.float32).astype(np.float16)
-            weight_map[tname] = name
-        save_file(tensors, str(root / name), metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": shards * tensors_per_shard * rows * cols * 2}, "weight_map": weight_map}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (root / "config.json").write_text(json.dumps({"model_type": "bench", "torch_dtype": "float16"}) + "\n")
-    return sorted(p for p in root.iterdir() if p.is_file())
 
 
 # -- running -------------------------------------------------------------------------------

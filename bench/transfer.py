@@ -45,6 +45,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.servers import S3Server, start_seaweed  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from common import build_model  # noqa: E402
+
 MIB = 1024 * 1024
 PUBLISH_TARGET = 1.0  # x the fastest tool's upload
 PULL_TARGET = 1.0  # x s5cmd's download
@@ -52,33 +55,6 @@ REPUBLISH_TARGET = 0.2  # x a full publish
 
 
 # -- the model -----------------------------------------------------------------------------
-
-
-def build_model(root: Path, size_mib: int, shards: int, seed: int = 0) -> list[Path]:
-    """``shards`` safetensors files of float16 noise totalling ``size_mib`` MiB, plus index
-    and config, as a sharded Hugging Face checkpoint looks."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    per_shard = size_mib * MIB // shards
-    cols, per = 1024, 4
-    rows = max(1, per_shard // (2 * cols * per))
-    weight_map: dict[str, str] = {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {}
-        for t in range(per):
-            tname = f"layers.{s * per + t}.weight"
-            tensors[tname] = rng.standard_normal((rows, cols), dtype=np.float32).astype(np.float16)
-            weight_map[tname] = name
-        save_file(tensors, str(root / name), metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": shards * per * rows * cols * 2}, "weight_map": weight_map}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (root / "config.json").write_text(json.dumps({"model_type": "bench", "torch_dtype": "float16"}) + "\n")
-    return sorted(p for p in root.iterdir() if p.is_file())
 
 
 def one_shard_changed(model: Path, dest: Path) -> Path:
