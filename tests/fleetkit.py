@@ -3,6 +3,7 @@ real ``weightship agent serve`` processes."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -216,3 +217,19 @@ def release_bytes_on_disk(cache: Path, manifest: dict[str, Any]) -> int:
         elif part.exists():
             total += min(part.stat().st_size, f["size"])
     return total
+
+
+def unsafe_warm_request(path: str) -> dict:
+    """A warm request whose (unsigned) manifest names ``path``: what an attacker would send."""
+    manifest = {
+        "schema": "weightship.manifest/v1",
+        "name": "evil",
+        "version": "1.0",
+        "created": None,
+        "signature": "unsigned",
+        "ignore_paths": [],
+        "files": [{"path": path, "size": 3, "sha256": "0" * 64}],
+        "total_size": 3,
+    }
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    return {"protocol": 1, "manifest": base64.b64encode(body).decode(), "signature": None, "source": {"urls": {}}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -10,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleetkit import cli_json, fleet_toml, model, on_disk, publish, record, source_files, tree
+from tests.fleetkit import (
+    cli_json,
+    fleet_toml,
+    model,
+    on_disk,
+    publish,
+    record,
+    source_files,
+    tree,
+    unsafe_warm_request,
+)
 from tests.helpers import error_line, run_cli
 from weightship.node import NodeCache, WarmRequest
 
@@ -84,18 +93,7 @@ def test_local_region_layout_tags_and_rewarm(lab) -> None:
 
 
 def test_node_refuses_unsafe_manifest_and_foreign_protocol(tmp_path: Path) -> None:
-    manifest = {
-        "schema": "weightship.manifest/v1",
-        "name": "evil",
-        "version": "1.0",
-        "created": None,
-        "signature": "unsigned",
-        "ignore_paths": [],
-        "files": [{"path": "../../etc/cron.d/x", "size": 3, "sha256": "0" * 64}],
-        "total_size": 3,
-    }
-    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    req = {"protocol": 1, "manifest": base64.b64encode(body).decode(), "signature": None, "source": {"urls": {}}}
+    req = unsafe_warm_request("../../etc/cron.d/x")
     cache = tmp_path / "cache"
     proc = run_cli("node", "warm", "--cache", cache, "--json", input=json.dumps(req))
     assert proc.returncode == 1

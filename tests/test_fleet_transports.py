@@ -32,6 +32,7 @@ from tests.fleetkit import (
     spawn_cli,
     start_agent,
     tree,
+    unsafe_warm_request,
 )
 from tests.helpers import run_cli, tree_digest
 from tests.sshd import SshLab, sshd_binary, weightship_script
@@ -368,7 +369,6 @@ def test_concurrent_warms_of_one_node_wait_for_the_lock(fleet: Fleet) -> None:
 
 
 def test_agent_needs_the_token_on_every_endpoint_and_refuses_dotdot(fleet: Fleet) -> None:
-    import base64
 
     import httpx
 
@@ -390,18 +390,7 @@ def test_agent_needs_the_token_on_every_endpoint_and_refuses_dotdot(fleet: Fleet
                 assert r.status_code == 401, (method, path, headers, r.status_code)
         auth = {"Authorization": f"Bearer {agent.token}"}
         assert c.get("/v1/health", headers=auth).status_code == 200
-        manifest = {
-            "schema": "weightship.manifest/v1",
-            "name": "evil",
-            "version": "1.0",
-            "created": None,
-            "signature": "unsigned",
-            "ignore_paths": [],
-            "files": [{"path": "weights/../../../root/.ssh/authorized_keys", "size": 3, "sha256": "0" * 64}],
-            "total_size": 3,
-        }
-        body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-        req = {"protocol": 1, "manifest": base64.b64encode(body).decode(), "signature": None, "source": {"urls": {}}}
+        req = unsafe_warm_request("weights/../../../root/.ssh/authorized_keys")
         r = c.post("/v1/warm", json=req, headers=auth)
         assert r.status_code == 400 and "'..'" in r.json()["error"]
     assert not (agent.cache / "models" / "evil").exists()
