@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -45,3 +46,20 @@ def machine() -> str:
                 mem = int(line.split()[1]) * 1024
     cpus, kernel, py = os.cpu_count(), platform.release(), platform.python_version()
     return f"{cpus} CPUs, {mem / 2**30:.0f} GiB memory, Linux {kernel}, Python {py}"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every size-based benchmark takes; each adds its own."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024, help="total model size (default 1024)")
+    ap.add_argument("--shards", type=int, default=8, help="safetensors shards (default 8)")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs of each tool (default 3)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the temporary workspace goes")
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    return ap
+
+
+def check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.size_mib < 1 or args.shards < 1 or args.reps < 1:
+        ap.error("--size-mib, --shards and --reps must be positive")

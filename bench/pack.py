@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model
+from common import build_model, check_sizes, parser
 
 MIB = 1024 * 1024
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -185,18 +185,11 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024, help="total model size (default 1024)")
-    ap.add_argument("--shards", type=int, default=8, help="safetensors shards (default 8)")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs of each tool (default 3)")
+    ap = parser(__doc__)
     ap.add_argument("--help-runs", type=int, default=10, help="timed runs of weightship --help (default 10)")
     ap.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto", help="auto: cold when permitted")
-    ap.add_argument("--workdir", type=Path, default=None, help="where the temporary workspace goes")
-    ap.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
-    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
-    if args.size_mib < 1 or args.shards < 1 or args.reps < 1:
-        ap.error("--size-mib, --shards and --reps must be positive")
+    check_sizes(ap, args)
 
     ws = weightship_script()
     py = sys.executable

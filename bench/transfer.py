@@ -27,7 +27,6 @@ prefixes, so no tool finds its earlier upload.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -46,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from tests.servers import S3Server, start_seaweed  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from common import build_model  # noqa: E402
+from common import build_model, check_sizes, parser  # noqa: E402
 
 MIB = 1024 * 1024
 PUBLISH_TARGET = 1.0  # x the fastest tool's upload
@@ -324,17 +323,10 @@ def weightship_script() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=1024, help="total model size (default 1024)")
-    ap.add_argument("--shards", type=int, default=8, help="safetensors shards (default 8)")
-    ap.add_argument("--reps", type=int, default=3, help="timed runs of each tool (default 3)")
+    ap = parser(__doc__)
     ap.add_argument("--sweep", default=None, help="weightship only, e.g. 8x4,16x8 (part MiB x concurrency)")
-    ap.add_argument("--workdir", type=Path, default=None, help="where the temporary workspace goes")
-    ap.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
-    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
-    if args.size_mib < 1 or args.shards < 1 or args.reps < 1:
-        ap.error("--size-mib, --shards and --reps must be positive")
+    check_sizes(ap, args)
 
     ws = weightship_script()
     with tempfile.TemporaryDirectory(prefix="weightship-s3bench-", dir=args.workdir) as tmp:

@@ -34,7 +34,7 @@ from tests.fleetkit import (
     tree,
     unsafe_warm_request,
 )
-from tests.helpers import run_cli, tree_digest
+from tests.helpers import environ, run_cli, tree_digest
 from tests.sshd import SshLab, sshd_binary, weightship_script
 
 pytestmark = pytest.mark.skipif(sshd_binary() is None, reason="openssh-server is not installed (apt-get install)")
@@ -67,16 +67,8 @@ class Fleet:
     @contextlib.contextmanager
     def aws(self):
         """This process talks to the store as the CLI does: through the AWS chain."""
-        old = {k: os.environ.get(k) for k in self.env if k.startswith("AWS_")}
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith("AWS_")})
-        try:
+        with environ({k: v for k, v in self.env.items() if k.startswith("AWS_")}):
             yield
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def publish(self, seed: int, ref: str, *, hidden: int = 256, key: Path | None = None, tags=("prod",)) -> Path:
         src = model(self.root / "models", seed, hidden)

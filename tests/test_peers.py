@@ -27,7 +27,7 @@ from tests.fleetkit import (
     start_agents,
     tree,
 )
-from tests.helpers import run_cli
+from tests.helpers import environ, run_cli
 from tests.servers import CountingProxy
 from weightship.fleet import Node
 from weightship.sources import Sources, _PeerError
@@ -269,16 +269,8 @@ class Lab:
         from weightship.demo import build_model
 
         src = build_model(self.root / "models" / f"{seed}-{hidden}-{shards}", shards=shards, seed=seed, hidden=hidden)
-        old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with environ(self.env):
             publish(src, ref, self.store, self.key, tags=["prod"])
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         return src
 
     def manifest(self, src: Path) -> dict[str, Any]:
