@@ -32,8 +32,8 @@ _weightship_options() {
         'weightship node verify') echo '--cache -h --help --json --policy' ;;
         'weightship node warm') echo '--cache --capacity --detach -h --help --hot --json --policy --request' ;;
         'weightship pack') echo '-h --help --ignore --json' ;;
-        'weightship publish') echo '--cert-chain --concurrency --exclude -h --help --identity-token --ignore --include --json --key --key-password --no-output-github --output-github --sigstore --staging --store -t --tag --trust-config' ;;
-        'weightship pull') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
+        'weightship publish') echo '--cert-chain --concurrency --exclude -h --help --identity-token --ignore --include --json --key --key-password --no-output-github --output-github --rehash --sigstore --staging --store -t --tag --trust-config' ;;
+        'weightship pull') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store --sync' ;;
         'weightship show') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
         'weightship sign') echo '--cert-chain -h --help --identity-token --ignore --key --key-password --signature --sigstore --staging --trust-config' ;;
         'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json --no-output-github --output-github -r --region --require --store --timeout --watch' ;;

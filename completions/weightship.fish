@@ -303,6 +303,7 @@ complete -c weightship -n '__weightship_at "weightship publish"' -l key -r -F -d
 complete -c weightship -n '__weightship_at "weightship publish"' -l key-password -r -f -d 'Password of the private key.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l no-output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
+complete -c weightship -n '__weightship_at "weightship publish"' -l rehash -d 'Hash every file, even those the digest cache knows unchanged.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l sigstore -d 'Sign keyless with Sigstore (OIDC identity).'
 complete -c weightship -n '__weightship_at "weightship publish"' -l staging -d 'Use Sigstore\'s staging instance.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
@@ -320,6 +321,7 @@ complete -c weightship -n '__weightship_at "weightship pull"' -l key -r -F -d 'T
 complete -c weightship -n '__weightship_at "weightship pull"' -l offline -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship pull"' -l online -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship pull"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship pull"' -l sync -d 'fsync every file before DEST appears (at the disk\'s speed): a crash just after cannot lose it.'
 complete -c weightship -n '__weightship_at "weightship pull" 1' -F
 
 # weightship show

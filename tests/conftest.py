@@ -19,6 +19,17 @@ def _not_a_github_step(monkeypatch) -> None:
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _own_digest_cache(monkeypatch, tmp_path_factory) -> Path:
+    """publish remembers digests under ~/.cache by default: each test gets its own
+    directory, so no test reads another's entries or writes to the home directory.
+    (XDG_CACHE_HOME, because run_cli keeps WEIGHTSHIP_* settings out of the commands.)"""
+    d = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(d))
+    monkeypatch.delenv("WEIGHTSHIP_CACHE_DIR", raising=False)
+    return d / "weightship"
+
+
 @pytest.fixture
 def minilm(tmp_path: Path) -> Path:
     """A writable copy of the real all-MiniLM-L6-v2 model (safetensors, tokenizer, 1_Pooling/)."""

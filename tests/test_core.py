@@ -229,6 +229,29 @@ def test_corrupt_blob_fails_pull_and_leaves_nothing(tmp_path: Path, small_model:
     assert not dest.exists()
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["page-cache", "sync"])
+def test_resumed_pull_hashes_the_blobs_it_had_finished(tmp_path: Path, small_model: Path, file_store: str, sync):
+    """Without --sync a crash may tear what a pull had written: a resumed pull trusts
+    none of it unhashed. A finished blob gone bad is fetched again; a good one is kept."""
+    assert run_cli("publish", small_model, "demo:1", "--store", file_store).returncode == 0
+    blobs = sorted((Path(file_store[7:]) / "blobs" / "sha256").iterdir(), key=lambda p: -p.stat().st_size)
+    dest = tmp_path / "out"
+    staged = tmp_path / ".out.weightship-partial" / "blobs"
+    staged.mkdir(parents=True)
+    torn = bytearray(blobs[0].read_bytes())
+    torn[len(torn) // 3 :] = bytes(len(torn) - len(torn) // 3)  # zeros where writeback never happened
+    (staged / blobs[0].name).write_bytes(bytes(torn))
+    shutil.copyfile(blobs[1], staged / blobs[1].name)
+    args = ["pull", "demo:1", dest, "--store", file_store, "--json"] + (["--sync"] if sync else [])
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    total = sum(b.stat().st_size for b in blobs)
+    assert out["bytes_fetched"] == total - blobs[1].stat().st_size  # the good one was kept
+    assert tree_digest(dest) == tree_digest(small_model)
+    assert not staged.parent.exists()
+
+
 def test_policy_refuses_unsigned_and_foreign_signatures(tmp_path: Path, small_model: Path, keypair, file_store: str):
     key, pub = keypair
     assert run_cli("publish", small_model, "demo:unsigned", "--store", file_store).returncode == 0

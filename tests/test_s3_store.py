@@ -154,8 +154,13 @@ def test_exclusive_write_never_overwrites(s3_store_url):
 # -- blobs -------------------------------------------------------------------------------
 
 
-def test_blobs_round_trip_single_and_multipart(s3_store_url, tmp_path, monkeypatch, s3_server):
+@pytest.mark.parametrize("wire", [True, False], ids=["s3wire", "botocore"])
+def test_blobs_round_trip_single_and_multipart(s3_store_url, tmp_path, monkeypatch, s3_server, wire):
+    # Blob bytes travel over s3wire unless a proxy is configured; then through botocore.
+    monkeypatch.setattr(S3Store, "use_wire", wire)
     store, proxy = proxied_store(s3_server, s3_store_url, monkeypatch, part_size=PART, concurrency=4)
+    store._ready()
+    assert (store._wire is not None) == wire
     cases = {
         "empty": make_file(tmp_path / "empty", 0),
         "small": make_file(tmp_path / "small", 1000, seed=1),
@@ -210,6 +215,43 @@ def test_server_rejects_a_part_whose_checksum_does_not_match(s3_store_url, s3_se
         assert e.value.response["Error"]["Code"] == "BadDigest"
     finally:
         client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+
+
+def test_wire_parts_carry_checksums_the_server_verifies(s3_store_url, s3_server):
+    """The same through s3wire, the path every part takes: a wrong checksum is refused."""
+    import base64
+
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = split(s3_store_url)
+    store = S3Store(bucket, prefix)
+    store._ready()
+    assert store._wire is not None
+    key = f"{prefix}/probe/wire-part"
+    upload = store._create_upload(key)
+    try:
+        wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+        with pytest.raises(ClientError) as e:
+            store._send_body(key, memoryview(b"x" * 1000), {"ChecksumSHA256": wrong}, (upload, 1))
+        assert e.value.response["Error"]["Code"] == "BadDigest"
+        right = base64.b64encode(hashlib.sha256(b"x" * 1000).digest()).decode()
+        assert store._send_body(key, memoryview(b"x" * 1000), {"ChecksumSHA256": right}, (upload, 1))
+    finally:
+        store._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+        store.close()
+
+
+def test_a_proxy_sends_blob_bytes_through_botocore(s3_store_url, monkeypatch):
+    """s3wire speaks to the endpoint directly; where the environment names a proxy for
+    it, botocore (which honours HTTP(S)_PROXY and NO_PROXY) carries the bytes."""
+    bucket, prefix = split(s3_store_url)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "example.invalid")
+    store = S3Store(bucket, prefix)
+    assert store._open_wire() is None
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert store._open_wire() is not None
+    store.close()
 
 
 def test_changed_file_is_never_published(s3_store_url, tmp_path, s3_server):
@@ -345,6 +387,49 @@ def test_presigned_urls_need_no_credentials(s3_store_url, tmp_path, monkeypatch)
     assert hashlib.sha256(r.content).hexdigest() == hexdigest
     assert httpx.get(url.replace(hexdigest, "0" * 64)).status_code == 403  # signed for one key only
     assert httpx.get(url.split("?")[0]).status_code == 403  # and useless without the signature
+
+
+def test_a_node_fetches_presigned_urls_resuming_and_following_redirects(s3_store_url, tmp_path, monkeypatch):
+    """What a node does with the URLs a warm hands it (weightship.sources.UrlSource): no
+    credentials, a redirect followed, a partial file resumed with a Range request."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from weightship.sources import UrlSource
+
+    store = open_store(s3_store_url)
+    hexdigest, size = make_file(tmp_path / "f", 3 * 1024 * 1024 + 5, seed=10)
+    store.put_blob(hexdigest, tmp_path / "f", size)
+    url = store.blob_url(hexdigest, expires=300)
+    store.close()
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", url)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    hop = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=hop.serve_forever, daemon=True).start()
+    data = (tmp_path / "f").read_bytes()
+    try:
+        for have, where in ((0, url), (1234567, url), (777, f"http://127.0.0.1:{hop.server_port}/blob")):
+            dest = tmp_path / f"got-{have}"
+            dest.write_bytes(data[:have])
+            seen: list[int] = []
+            src = UrlSource({hexdigest: where})
+            assert src.fetch(hexdigest, dest, size, seen.append) == size - have
+            assert sum(seen) == size - have and dest.read_bytes() == data
+            src.close()
+        with pytest.raises(StoreError, match="403"):
+            UrlSource({hexdigest: url.split("?")[0]}).fetch(hexdigest, tmp_path / "unsigned", size, seen.append)
+    finally:
+        hop.shutdown()
 
 
 MEMORY_PROBE = """

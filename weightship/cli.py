@@ -341,6 +341,10 @@ def publish(
         int | None,
         typer.Option("--concurrency", min=1, max=64, help="S3 parts in flight at once, across all blobs (default 8)."),
     ] = None,
+    rehash: Annotated[
+        bool,
+        typer.Option("--rehash", help="Hash every file, even those the digest cache knows unchanged."),
+    ] = False,
     json_: JsonOpt = False,
     output_github: GithubOpt = None,
 ) -> None:
@@ -355,10 +359,10 @@ def publish(
     signer = make_signer(
         ctx, key, key_password, cert_chain, sigstore, identity_token, staging, trust_config, required=False
     )
-    st = open_store(ctx, store)
     rep = reporter(ctx, json_)
     source_info = provenance.collect()
     packed = None
+    cache = None
     if source.startswith("hf://"):
         from weightship import hub
 
@@ -367,16 +371,21 @@ def publish(
         source_info.update(snap.source_info)
     elif include or exclude:
         raise UsageError("--include and --exclude apply to hf:// sources", "use --ignore for a directory")
+    elif not rehash:
+        from weightship.digestcache import DigestCache
+
+        cache = DigestCache(Path(source))
     result = release.publish(
         Path(source),
         ref,
-        st,
+        lambda: open_store(ctx, store),
         tags_=tag or [],
         signer=signer,
         ignore=ignore or [],
         source_info=source_info,
         reporter=rep,
         packed=packed,
+        cache=cache,
     )
     if to_github:
         github.publish(result.to_dict())
@@ -517,6 +526,13 @@ def pull(
     identity_regex: IdentityRegexOpt = None,
     issuer: IssuerOpt = None,
     offline: OfflineOpt = None,
+    sync: Annotated[
+        bool,
+        typer.Option(
+            "--sync",
+            help="fsync every file before DEST appears (at the disk's speed): a crash just after cannot lose it.",
+        ),
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Download a release into DEST, verifying every sha256 (and the signature under the policy)."""
@@ -525,7 +541,7 @@ def pull(
 
     policy = build_policy(ctx, key, cert_chain, identity, issuer, identity_regex, offline)
     st = open_store(ctx, store)
-    result = release.pull(st, ref, dest, policy=policy, reporter=reporter(ctx, json_))
+    result = release.pull(st, ref, dest, policy=policy, reporter=reporter(ctx, json_), sync=sync)
     if json_:
         emit_json(result.to_dict())
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,11 @@ def default_workers() -> int:
     return max(2, min(16, (os.cpu_count() or 2) * 2))
 
 
-def sha256_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
+class Cancelled(Exception):
+    """Hashing stopped because the caller no longer needs the result."""
+
+
+def sha256_file(path: Path, progress: Progress | None = None, cancel: threading.Event | None = None) -> tuple[str, int]:
     """Return (hex digest, size) of a file, reading it once."""
     h = hashlib.sha256()
     size = 0
@@ -32,16 +37,23 @@ def sha256_file(path: Path, progress: Progress | None = None) -> tuple[str, int]
             size += n
             if progress:
                 progress(n)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(str(path))
     return h.hexdigest(), size
 
 
 def sha256_files(
-    paths: Iterable[Path], progress: Progress | None = None, workers: int | None = None
+    paths: Iterable[Path],
+    progress: Progress | None = None,
+    workers: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict[Path, tuple[str, int]]:
     """Hash many files at once; the biggest first so the pool drains evenly."""
     items = sorted(paths, key=lambda p: -p.stat().st_size)
+    if not items:
+        return {}
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        results = pool.map(lambda p: sha256_file(p, progress), items)
+        results = pool.map(lambda p: sha256_file(p, progress, cancel), items)
         return dict(zip(items, results, strict=False))
 
 

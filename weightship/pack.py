@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from weightship import hashing, tensors
+from weightship.digestcache import DigestCache
 from weightship.errors import ModelError
 from weightship.manifest import FileEntry, Manifest, check_relpath, path_sort_key
 
@@ -109,17 +112,39 @@ def pack(
     ignore: Iterable[str | Path] = (),
     progress: hashing.Progress | None = None,
     workers: int | None = None,
+    cache: DigestCache | None = None,
+    cancel: threading.Event | None = None,
 ) -> PackedModel:
-    """Walk, check and hash a model directory. Nothing is written."""
+    """Walk, check and hash a model directory. Nothing is written in it.
+
+    With a digest ``cache``, files unchanged since they were last hashed are not read
+    again (see weightship.digestcache), and the cache learns the rest."""
     root = Path(root)
     ignore_paths = normalise_ignores(root, ignore)
     local, has_symlinks = walk(root, ignore_paths)
     # Headers first: a truncated shard should fail in milliseconds, not after hashing.
     summaries = {rel: tensors.summarise(path, rel) for rel, path in local.items() if tensors.is_safetensors(rel)}
-    by_path = hashing.sha256_files(local.values(), progress=progress, workers=workers)
+    known: dict[str, tuple[str, int]] = {}
+    stats: dict[str, os.stat_result] = {}
+    if cache is not None:
+        for rel, path in local.items():
+            stats[rel] = st = path.stat()
+            digest = cache.lookup(rel, st)
+            if digest is not None:
+                known[rel] = (digest, st.st_size)
+                if progress:
+                    progress(st.st_size)
+    hashed_at = time.time_ns()
+    todo = [path for rel, path in local.items() if rel not in known]
+    by_path = hashing.sha256_files(todo, progress=progress, workers=workers, cancel=cancel)
     entries = []
     for rel, path in local.items():
-        digest, size = by_path[path]
+        digest, size = known[rel] if rel in known else by_path[path]
         entries.append(FileEntry(rel, size, digest, summaries.get(rel)))
+        if cache is not None and rel not in known and size == stats[rel].st_size:
+            cache.remember(rel, stats[rel], digest, hashed_at)
+    if cache is not None:
+        cache.forget_others(set(local))
+        cache.save()
     manifest = Manifest(files=entries, ignore_paths=list(ignore_paths))
     return PackedModel(root, manifest, local, ignore_paths, has_symlinks)

@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from weightship import oms, pack, refs
+from weightship import hashing, oms, pack, refs
+from weightship.digestcache import DigestCache
 from weightship.errors import (
     ConflictError,
     IntegrityError,
@@ -31,6 +34,7 @@ from weightship.manifest import Manifest
 from weightship.progress import Reporter
 from weightship.signing import Signer
 from weightship.store import Store
+from weightship.store.file import fsync_dir
 from weightship.trust import SignerInfo, TrustPolicy, verify_bundle
 from weightship.verify import compare, safe_ignores
 
@@ -217,7 +221,7 @@ def upload_blobs(
 def publish(
     source: Path | str,
     ref: str,
-    store: Store,
+    store: Store | Callable[[], Store],
     *,
     tags_: Iterable[str] = (),
     signer: Signer | None = None,
@@ -225,18 +229,25 @@ def publish(
     source_info: dict[str, str] | None = None,
     reporter: Reporter | None = None,
     packed: pack.PackedModel | None = None,
+    cache: DigestCache | None = None,
 ) -> PublishResult:
-    """Pack, sign, upload what is missing, then commit manifest and tags."""
+    """Pack, sign, upload what is missing, then commit manifest and tags.
+
+    ``store`` may be a function that opens it: it is then called while the model is
+    being hashed, so that connecting (and for S3, starting botocore) costs no time of
+    its own. ``cache`` lets files unchanged since the last publish skip hashing."""
     reporter = reporter or Reporter()
     name, version = refs.parse_release(ref)
     tag_list = [refs.check_label(t, "tag") for t in tags_]
-    _check_publishable(store, name, version, tag_list)
 
     if packed is None:
         root = Path(source)
         total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
         with reporter.task("hashing", total) as advance:
-            packed = pack.pack(root, ignore=ignore, progress=advance)
+            store, packed = _pack_while_opening(root, store, name, version, tag_list, ignore, advance, cache)
+    else:
+        store = store if isinstance(store, Store) else store()
+        _check_publishable(store, name, version, tag_list)
     manifest = packed.manifest
     manifest.name, manifest.version = name, version
     manifest.created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -277,6 +288,42 @@ def publish(
         blobs_skipped=n_skip,
         store=store.url,
     )
+
+
+def _pack_while_opening(
+    root: Path,
+    store: Store | Callable[[], Store],
+    name: str,
+    version: str,
+    tag_list: list[str],
+    ignore: Iterable[str | Path],
+    progress: Callable[[int], None],
+    cache: DigestCache | None,
+) -> tuple[Store, pack.PackedModel]:
+    """Hash the model in the background while the store is opened and checked here: a
+    version that already exists is refused at once, not after the hashing."""
+    cancel = threading.Event()
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["packed"] = pack.pack(root, ignore=ignore, progress=progress, cache=cache, cancel=cancel)
+        except BaseException as e:  # handed to the caller below
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="weightship-pack", daemon=True)
+    worker.start()
+    try:
+        opened = store if isinstance(store, Store) else store()
+        _check_publishable(opened, name, version, tag_list)
+    except BaseException:
+        cancel.set()
+        worker.join()
+        raise
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return opened, out["packed"]
 
 
 def _check_publishable(store: Store, name: str, version: str, tag_list: list[str]) -> None:
@@ -332,6 +379,31 @@ class PullResult:
         return {"schema": "weightship.pull/v1", **self.__dict__}
 
 
+def _recheck(blobs_dir: Path, blobs: dict[str, int]) -> None:
+    """Hash the blobs an earlier pull finished; drop any that no longer match."""
+    done = [blobs_dir / h for h in blobs if (blobs_dir / h).is_file()]
+    if not done:
+        return
+    for path, (digest, _size) in hashing.sha256_files(done).items():
+        if digest != path.name:
+            path.unlink()
+
+
+def _sync_tree(tree: Path) -> None:
+    """fsync every file under ``tree``, then every directory, deepest first."""
+    dirs = [tree]
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirs.extend(Path(dirpath) / d for d in dirnames)
+        for name in filenames:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        fsync_dir(d)
+
+
 def pull(
     store: Store,
     ref: str,
@@ -339,12 +411,18 @@ def pull(
     *,
     policy: TrustPolicy | None = None,
     reporter: Reporter | None = None,
+    sync: bool = False,
 ) -> PullResult:
     """Materialise a release into ``dest``, verifying every byte before it appears.
 
     Blobs are downloaded into a staging directory beside ``dest`` (kept between runs, so
     an interrupted pull resumes); ``dest`` appears by one rename once everything has
     been verified, so a failed pull leaves no file in it.
+
+    Like ``cp`` and every S3 download tool, a pull leaves writing its bytes out to the
+    kernel unless ``sync`` (then every file and directory is fsynced before ``dest``
+    appears, at the disk's speed). Either way nothing unverified is ever used: blobs an
+    interrupted pull had finished are hashed again before they are taken.
     """
     reporter = reporter or Reporter()
     policy = policy or TrustPolicy()
@@ -360,6 +438,7 @@ def pull(
     blobs_dir.mkdir(parents=True, exist_ok=True)
     fetched = 0
     blobs = release.manifest.blobs()
+    _recheck(blobs_dir, blobs)
     todo = {h: s for h, s in blobs.items() if not (blobs_dir / h).exists()}
     with (
         reporter.task("downloading", sum(todo.values())) as advance,
@@ -369,7 +448,7 @@ def pull(
         def fetch(h: str) -> int:
             part = blobs_dir / f"{h}.part"
             try:
-                n = store.get_blob(h, part, blobs[h], advance)
+                n = store.get_blob(h, part, blobs[h], advance, sync=sync)
             except IntegrityError as e:
                 # Stores speak of blobs; the person reading this knows files.
                 files = ", ".join(f.path for f in release.manifest.files if f.sha256 == h)
@@ -395,9 +474,13 @@ def pull(
             os.replace(blobs_dir / f.sha256, target)
     if release.signature is not None:
         (tree / pack.SIGNATURE_FILE).write_bytes(release.signature)
+    if sync:
+        _sync_tree(tree)
     if dest.exists():
         dest.rmdir()
     os.replace(tree, dest)
+    if sync:
+        fsync_dir(dest.parent)
     shutil.rmtree(staging, ignore_errors=True)
     return PullResult(
         ref=str(ref),

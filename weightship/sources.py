@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from weightship.errors import IntegrityError, NotFoundError, StoreError, UsageError
 from weightship.hashing import CHUNK
@@ -33,6 +33,7 @@ class Source:
 # Reads from a URL: small enough that progress and a rate limit move smoothly, large
 # enough not to cost throughput.
 URL_CHUNK = 1024 * 1024
+URL_TIMEOUT = 60.0  # no byte for this long: the fetch fails and the warm retries it
 
 _SSL_CONTEXT: Any = None
 _SSL_LOCK = threading.Lock()
@@ -139,14 +140,49 @@ class UrlSource(Source):
                 f"{path} not found on this node", "use --credentials node or a store nodes can reach"
             ) from None
 
-    def _fetch_http(self, url: str, dest: Path, have: int, h, progress: Progress) -> int:
+    def _fetch_http(self, url: str, dest: Path, have: int, h, progress: Progress, hops: int = 0) -> int:
+        """GET the rest of the blob with http.client, read into one reused buffer: the
+        same loop as a peer transfer, for the same reason (see Sources._from_peer).
+        httpx takes over where the environment names a proxy, which it knows how to use."""
+        import http.client
+
+        if uses_proxy(url):
+            return self._fetch_httpx(url, dest, have, h, progress)
+        u = urlsplit(url)
+        if u.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                u.hostname or "", u.port, timeout=URL_TIMEOUT, context=shared_ssl_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=URL_TIMEOUT)
+        try:
+            conn.request("GET", u.path + (f"?{u.query}" if u.query else ""), headers=_range(have))
+            resp = conn.getresponse()
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location") and hops < 5:
+                return self._fetch_http(
+                    urljoin(url, resp.getheader("Location") or ""), dest, have, h, progress, hops + 1
+                )
+            if resp.status == 200 and have:
+                # The server ignored the range: start again rather than append twice.
+                dest.unlink(missing_ok=True)
+                h.reset()
+            elif resp.status not in (200, 206):
+                raise _http_error(resp.status, url)
+            buf = bytearray(self.chunk)
+            view = memoryview(buf)
+            with open(dest, "ab") as fout:
+                return _copy(lambda _n: view[: resp.readinto(view)], fout, h, progress, self.chunk)
+        except (OSError, http.client.HTTPException) as e:
+            raise StoreError(f"fetching {redact(url)} failed: {type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+
+    def _fetch_httpx(self, url: str, dest: Path, have: int, h, progress: Progress) -> int:
         import httpx
 
-        headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with self._http().stream("GET", url, headers=headers) as resp:
+            with self._http().stream("GET", url, headers=_range(have)) as resp:
                 if resp.status_code == 200 and have:
-                    # The server ignored the range: start again rather than append twice.
                     dest.unlink(missing_ok=True)
                     h.reset()
                 elif resp.status_code not in (200, 206):
@@ -160,6 +196,19 @@ class UrlSource(Source):
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _range(have: int) -> dict[str, str]:
+    return {"Range": f"bytes={have}-"} if have else {}
+
+
+def uses_proxy(url: str) -> bool:
+    """Whether the environment (HTTP(S)_PROXY, NO_PROXY) routes requests to ``url``
+    through a proxy."""
+    import urllib.request
+
+    u = urlsplit(url)
+    return bool(urllib.request.getproxies().get(u.scheme)) and not urllib.request.proxy_bypass(u.hostname or "")
 
 
 def _http_error(status: int, url: str) -> StoreError:

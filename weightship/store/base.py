@@ -52,10 +52,14 @@ class Store(ABC):
         upload is abandoned with IntegrityError and nothing becomes visible."""
 
     @abstractmethod
-    def get_blob(self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None) -> int:
+    def get_blob(
+        self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None, *, sync: bool = True
+    ) -> int:
         """Download a blob into ``dest`` (a partial file: bytes already there are kept and
         not fetched again); return bytes fetched. Raises IntegrityError, after deleting
-        ``dest``, when the result does not hash to ``hexdigest``."""
+        ``dest``, when the result does not hash to ``hexdigest``. With ``sync`` the bytes
+        are on disk (fsync) before it returns; without, they may still be in the page
+        cache, for callers that verify again after a crash."""
 
     def blob_url(self, hexdigest: str, expires: int = 3600) -> str | None:
         """A URL a node may GET the blob from without credentials, if the store has one."""

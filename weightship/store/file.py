@@ -134,7 +134,9 @@ class FileStore(Store):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def get_blob(self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None) -> int:
+    def get_blob(
+        self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None, *, sync: bool = True
+    ) -> int:
         src = self._path(blob_key(hexdigest))
         h = hashlib.sha256()
         have = 0
@@ -149,7 +151,8 @@ class FileStore(Store):
                 fin.seek(have)
                 n = copy_hashing(fin, fout, h, progress)
                 fout.flush()
-                os.fsync(fout.fileno())
+                if sync:
+                    os.fsync(fout.fileno())
         except FileNotFoundError:
             raise NotFoundError(f"blob {hexdigest[:12]}… missing from {self.url}") from None
         except OSError as e:

@@ -31,12 +31,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
 import math
 import os
-import random
 import re
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -57,7 +56,9 @@ from weightship.errors import (
     WeightshipError,
 )
 from weightship.manifest import check_relpath
+from weightship.sources import uses_proxy
 from weightship.store.base import Progress, Store, blob_key
+from weightship.store.s3wire import Wire, backoff
 
 MiB = 1024 * 1024
 # Chosen with `bench/transfer.py --sweep` (1 GiB, 8 shards, SeaweedFS on loopback):
@@ -90,6 +91,8 @@ CREDENTIAL_CODES = {
     "AuthFailure",
 }
 UNSUPPORTED_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "UnsupportedHeader"}
+# The body checksum arguments of _body_checksum, as the headers s3wire sends.
+_CHECKSUM_HEADERS = {"ChecksumSHA256": "x-amz-checksum-sha256", "ContentMD5": "Content-MD5"}
 _AWS_HOST = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$|(^|\.)api\.aws$")
 
 # Errors that can break a response body mid-stream; botocore retries the request but
@@ -101,6 +104,7 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = tuple(
         getattr(bexc, "IncompleteReadError", None),
         bexc.ReadTimeoutError,
         bexc.ConnectionClosedError,
+        http.client.HTTPException,
         ConnectionError,
         TimeoutError,
     )
@@ -140,6 +144,7 @@ class S3Store(Store):
     """A store in ``s3://bucket/prefix``; safe to share between threads."""
 
     list_page_size: int | None = None  # keys per listing request; None: the server's (1000)
+    use_wire = True  # blob bytes over s3wire; False sends them through botocore too
 
     def __init__(
         self,
@@ -181,6 +186,7 @@ class S3Store(Store):
         self._checksum = "sha256"
         self._conditional: bool | None = None
         self._downloading = 0  # get_blob calls in progress: how to share the connections
+        self._wire: Wire | None = None
 
     # -- construction -------------------------------------------------------------------
 
@@ -210,6 +216,8 @@ class S3Store(Store):
             mode = mode if mode in ("standard", "adaptive") else "standard"
             attempts = bs.get_config_variable("max_attempts") or MAX_ATTEMPTS
             s3cfg = dict((bs.get_scoped_config() or {}).get("s3") or {})
+            self._ca_bundle = bs.get_config_variable("ca_bundle")
+            self._attempts = int(attempts)
         except bexc.ProfileNotFound as e:
             raise ConfigError(
                 f"AWS profile {e.kwargs.get('profile')!r} not found",
@@ -248,7 +256,19 @@ class S3Store(Store):
                 client = build("path")
         except bexc.BotoCoreError as e:
             raise ConfigError(f"cannot set up S3 for {self.url}: {e}") from None
+        self._session = bs
         return client
+
+    def _open_wire(self) -> Wire | None:
+        """The fast path for blob bytes (s3wire), unless requests must go through a
+        proxy, which only botocore's connections know how to use."""
+        if not self.use_wire or uses_proxy(self.endpoint):
+            return None
+        try:
+            creds = self._session.get_credentials()
+            return Wire(self._client, self.bucket, creds, attempts=self._attempts, ca_bundle=self._ca_bundle)
+        except (ValueError, bexc.BotoCoreError):
+            return None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -382,6 +402,7 @@ class S3Store(Store):
                 raise self._error(e, "open", None) from None
         except bexc.BotoCoreError as e:
             raise self._error(e, "open", None) from None
+        self._wire = self._open_wire()
         self._checked = True
 
     # -- small objects ---------------------------------------------------------------------
@@ -403,7 +424,7 @@ class S3Store(Store):
                 attempt += 1
                 if attempt >= STREAM_ATTEMPTS:
                     raise self._error(e, "read", full) from None
-                _backoff(attempt)
+                backoff(attempt)
             except bexc.BotoCoreError as e:
                 raise self._error(e, "read", full) from None
 
@@ -491,6 +512,8 @@ class S3Store(Store):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._buffers.clear()
+        if self._wire is not None:
+            self._wire.close()
         with contextlib.suppress(Exception):
             self._client.close()
 
@@ -526,7 +549,7 @@ class S3Store(Store):
             if digest.hex() != hexdigest:
                 raise self._changed(src, f"sha256 now {digest.hex()[:12]}…")
             # For a single PUT the blob's own sha256 is the part checksum: one hash pass.
-            self._put_object_checked(full, buf if size == len(buf) else bytes(view), digest)
+            self._put_object_checked(full, view, digest)
             del view
         finally:
             self._buffers.give(buf)
@@ -534,18 +557,36 @@ class S3Store(Store):
             progress(size)
         return size
 
-    def _put_object_checked(self, full: str, data: bytes | bytearray, digest: bytes) -> None:
+    def _put_object_checked(self, full: str, data: bytes | bytearray | memoryview, digest: bytes) -> None:
         try:
-            self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **self._body_checksum(data, digest))
+            self._send_body(full, data, self._body_checksum(data, digest))
         except bexc.ClientError as e:
             if self._checksum == "sha256" and self._unsupported(e):
                 self._checksum = "md5"
                 with self._op("upload", full):
-                    self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **self._body_checksum(data))
+                    self._send_body(full, data, self._body_checksum(data))
                 return
             raise self._error(e, "upload", full) from None
         except bexc.BotoCoreError as e:
             raise self._error(e, "upload", full) from None
+
+    def _send_body(
+        self,
+        full: str,
+        body: bytes | bytearray | memoryview,
+        checksum: dict[str, str],
+        part: tuple[str, int] | None = None,
+    ) -> str:
+        """PUT an object, or with ``part`` (upload id, number) a part; return its ETag."""
+        if self._wire is not None:
+            headers = {_CHECKSUM_HEADERS[k]: v for k, v in checksum.items()}
+            query = {"partNumber": part[1], "uploadId": part[0]} if part else None
+            return self._wire.put(full, body, headers, query)
+        data = body if isinstance(body, bytes | bytearray) else bytes(body)
+        if part:
+            kw = {"UploadId": part[0], "PartNumber": part[1]}
+            return self._client.upload_part(Bucket=self.bucket, Key=full, Body=data, **kw, **checksum)["ETag"]
+        return self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **checksum)["ETag"]
 
     @staticmethod
     def _unsupported(e: bexc.ClientError) -> bool:
@@ -647,19 +688,17 @@ class S3Store(Store):
         failed = threading.Event()
         cancelled = threading.Event()
 
-        def upload(num: int, buf: bytearray, body: bytes | bytearray) -> int:
+        def upload(num: int, buf: bytearray, body: memoryview) -> int:
             try:
                 if cancelled.is_set():
                     return 0
                 checksum = self._body_checksum(body)
                 try:
-                    resp = self._client.upload_part(
-                        Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=num, Body=body, **checksum
-                    )
+                    etag = self._send_body(full, body, checksum, (upload_id, num))
                 except BaseException:
                     failed.set()  # tells the reader to stop reading ahead
                     raise
-                entry = {"PartNumber": num, "ETag": resp["ETag"]}
+                entry = {"PartNumber": num, "ETag": etag}
                 if "ChecksumSHA256" in checksum:
                     entry["ChecksumSHA256"] = checksum["ChecksumSHA256"]
                 done[num] = entry
@@ -694,12 +733,8 @@ class S3Store(Store):
                         remote = existing.get(num)
                         entry = self._part_matches(remote, view) if remote else None
                         if entry is None:
-                            # botocore takes bytes or a bytearray, not a view: only a short
-                            # (last, or resumed-with-another-size) part is copied.
-                            body = buf if n == len(buf) else bytes(view)
-                            futures.append((pool.submit(upload, num, buf, body), buf))
+                            futures.append((pool.submit(upload, num, buf, view), buf))
                             queued = True
-                            del body
                         del view
                     finally:
                         if not queued:
@@ -753,17 +788,19 @@ class S3Store(Store):
 
     # -- downloads -------------------------------------------------------------------------
 
-    def get_blob(self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None) -> int:
+    def get_blob(
+        self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None, *, sync: bool = True
+    ) -> int:
         self._ready()
         with self._lock:
             self._downloading += 1
         try:
-            return self._get_blob(hexdigest, Path(dest), size, progress)
+            return self._get_blob(hexdigest, Path(dest), size, progress, sync)
         finally:
             with self._lock:
                 self._downloading -= 1
 
-    def _get_blob(self, hexdigest: str, dest: Path, size: int, progress: Progress | None) -> int:
+    def _get_blob(self, hexdigest: str, dest: Path, size: int, progress: Progress | None, sync: bool) -> int:
         full = self._key(blob_key(hexdigest))
         have, h = 0, hashlib.sha256()
         if dest.exists():
@@ -771,7 +808,7 @@ class S3Store(Store):
             if have > size:
                 dest.unlink()
                 have, h = 0, hashlib.sha256()
-        fetched = self._fetch_or_discard(full, dest, have, size, h, progress)
+        fetched = self._fetch_or_discard(full, dest, have, size, h, progress, sync)
         if h.hexdigest() == hexdigest:
             return fetched
         dest.unlink(missing_ok=True)
@@ -779,7 +816,7 @@ class S3Store(Store):
             # The bytes kept from an earlier run may be what is wrong: try once afresh
             # before blaming the store.
             h = hashlib.sha256()
-            fetched += self._fetch_or_discard(full, dest, 0, size, h, progress)
+            fetched += self._fetch_or_discard(full, dest, 0, size, h, progress, sync)
             if h.hexdigest() == hexdigest:
                 return fetched
             dest.unlink(missing_ok=True)
@@ -788,10 +825,12 @@ class S3Store(Store):
             "re-publish the release or restore the blob",
         )
 
-    def _fetch_or_discard(self, full: str, dest: Path, have: int, size: int, h: Any, progress: Progress | None) -> int:
+    def _fetch_or_discard(
+        self, full: str, dest: Path, have: int, size: int, h: Any, progress: Progress | None, sync: bool
+    ) -> int:
         """Fetch, keeping a partial file for a resume unless what the store holds is wrong."""
         try:
-            return self._fetch_into(full, dest, have, size, h, progress)
+            return self._fetch_into(full, dest, have, size, h, progress, sync)
         except IntegrityError:
             dest.unlink(missing_ok=True)
             raise
@@ -802,7 +841,9 @@ class S3Store(Store):
         except OSError as e:
             raise StoreError(f"cannot write {dest}: {e.strerror or e}") from None
 
-    def _fetch_into(self, full: str, dest: Path, start: int, size: int, h: Any, progress: Progress | None) -> int:
+    def _fetch_into(
+        self, full: str, dest: Path, start: int, size: int, h: Any, progress: Progress | None, sync: bool
+    ) -> int:
         """Append bytes ``start..size`` of ``full`` to ``dest``, hashing them in order."""
         remaining = size - start
         if size == 0:
@@ -819,7 +860,7 @@ class S3Store(Store):
         # first part is always streamed, which gives a caller starting several
         # downloads the time to start them before this one decides.
         with open(dest, "ab") as out:
-            sink = _Sink(out, h, progress)
+            sink = _Sink(out, h, progress, sync)
             pos = start
             if remaining > 2 * self.part_size and self.concurrency >= 2:
                 pos += self._stream_range(full, pos, pos + self.part_size, sink)
@@ -828,7 +869,8 @@ class S3Store(Store):
             if pos < size:
                 pos += self._stream_range(full, pos, size, sink)
             out.flush()
-            os.fsync(out.fileno())
+            if sync:
+                os.fsync(out.fileno())
         return remaining
 
     def _alone(self) -> bool:
@@ -848,8 +890,22 @@ class S3Store(Store):
         return self._error(e, "download", full)
 
     def _get(self, full: str, start: int, end: int) -> Any:
-        """GET bytes ``start..end-1``; returns the streaming body."""
+        """GET bytes ``start..end-1``; returns the body, to ``readinto`` and close."""
+        short = IntegrityError(
+            f"blob {full.rsplit('/', 1)[-1][:12]}… in {self.url} is shorter than the manifest says",
+            "re-publish the release or restore the blob",
+        )
         try:
+            if self._wire is not None:
+                conn, resp = self._wire.request(
+                    "GET", full, headers={"Range": f"bytes={start}-{end - 1}"}, operation="GetObject", ok=(200, 206)
+                )
+                body = _WireBody(self._wire, conn, resp)
+                length = int(resp.getheader("Content-Length") or -1)
+                if length != end - start or (resp.status == 200 and start != 0):
+                    body.close()
+                    raise short
+                return body
             resp = self._client.get_object(Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}")
         except (bexc.BotoCoreError, bexc.ClientError) as e:
             if isinstance(e, _STREAM_ERRORS):
@@ -857,10 +913,7 @@ class S3Store(Store):
             raise self._range_error(e, full) from None
         if int(resp.get("ContentLength", -1)) != end - start:
             resp["Body"].close()
-            raise IntegrityError(
-                f"blob {full.rsplit('/', 1)[-1][:12]}… in {self.url} is shorter than the manifest says",
-                "re-publish the release or restore the blob",
-            )
+            raise short
         return resp["Body"]
 
     def _stream_range(self, full: str, start: int, end: int, sink: _Sink) -> int:
@@ -868,21 +921,23 @@ class S3Store(Store):
         resumes from the last byte written. (A separate receiving thread was tried: no
         measurable gain, so it is not here.)"""
         pos, attempt = start, 0
+        buf = bytearray(min(READ_CHUNK, end - start))
+        view = memoryview(buf)
         while pos < end:
             try:
                 body = self._get(full, pos, end)
                 with contextlib.closing(body):
                     while pos < end:
-                        data = body.read(min(READ_CHUNK, end - pos))
-                        if not data:
+                        k = body.readinto(view[: min(len(view), end - pos)])
+                        if not k:
                             raise ConnectionError("body ended early")
-                        sink.write(data)
-                        pos += len(data)
+                        sink.write(view[:k])
+                        pos += k
             except _STREAM_ERRORS as e:
                 attempt += 1
                 if attempt >= STREAM_ATTEMPTS:
                     raise self._error(e, "download", full) from None
-                _backoff(attempt)
+                backoff(attempt)
         return end - start
 
     def _read_range(self, full: str, start: int, end: int, buf: bytearray) -> int:
@@ -902,7 +957,7 @@ class S3Store(Store):
                 attempt += 1
                 if attempt >= STREAM_ATTEMPTS:
                     raise self._error(e, "download", full) from None
-                _backoff(attempt)
+                backoff(attempt)
         return pos
 
     def _parallel_ranges(self, full: str, start: int, end: int, sink: _Sink) -> int:
@@ -952,6 +1007,23 @@ class S3Store(Store):
         return written
 
 
+class _WireBody:
+    """A GET's body on an s3wire connection, which goes back to the pool only once the
+    body has been read to its end."""
+
+    def __init__(self, wire: Wire, conn: Any, resp: Any) -> None:
+        self._wire, self._conn, self._resp = wire, conn, resp
+
+    def readinto(self, view: memoryview) -> int:
+        return self._resp.readinto(view)
+
+    def close(self) -> None:
+        if self._resp.isclosed():
+            self._wire.done(self._conn, self._resp)
+        else:
+            self._conn.close()
+
+
 class _Sink:
     """Where downloaded bytes go, in order: the sha256, the partial file, progress.
 
@@ -959,8 +1031,9 @@ class _Sink:
     fsync that makes the blob durable finds little left to do: measured, that fsync
     otherwise added about a second per GiB, after the transfer instead of during it."""
 
-    def __init__(self, out: Any, h: Any, progress: Progress | None) -> None:
+    def __init__(self, out: Any, h: Any, progress: Progress | None, sync: bool = True) -> None:
         self.out = out
+        self.sync = sync
         self.h = h
         self.progress = progress
         self.fd = out.fileno()
@@ -974,7 +1047,7 @@ class _Sink:
         if self.progress:
             self.progress(n)
         self.pending += n
-        if self.pending >= WRITEBACK_CHUNK:
+        if self.sync and self.pending >= WRITEBACK_CHUNK:
             self.out.flush()
             _start_writeback(self.fd, self.flushed, self.pending)
             self.flushed += self.pending
@@ -1077,7 +1150,3 @@ def _hash_file(path: Path) -> tuple[int, Any]:
                 return n, h
             h.update(view[:k])
             n += k
-
-
-def _backoff(attempt: int) -> None:
-    time.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
