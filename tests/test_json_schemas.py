@@ -95,7 +95,7 @@ def github_env(tmp: Path) -> tuple[dict[str, str], Path, Path]:
 
 def test_shipped_schemas_are_draft_2020_12_and_named_by_their_id():
     shipped = schemas.available()
-    expected = {"manifest", "publish", "pull", "show", "ls", "verify", "tag", "warm", "status"}
+    expected = {"manifest", "publish", "pull", "show", "ls", "verify", "tag", "warm", "warm-plan", "status"}
     assert {s.split(".", 1)[1].split("/")[0] for s in shipped} >= expected
     for schema_id in shipped:
         doc = schemas.load(schema_id)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from tests.fleetkit import (
     Agent,
@@ -29,6 +30,7 @@ from tests.fleetkit import (
 )
 from tests.helpers import environ, run_cli
 from tests.servers import CountingProxy
+from weightship import schemas
 from weightship.fleet import Node
 from weightship.sources import Sources, _PeerError
 from weightship.warm import PEER_FANOUT, make_plan
@@ -325,6 +327,8 @@ def test_four_agents_each_blob_crosses_the_origin_once(lab: Lab) -> None:
     proc = lab.cli("warm", "m1:prod", "--region", "four", "--plan", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = cli_json(proc)
+    Draft202012Validator(schemas.load("weightship.warm-plan/v1")).validate(plan)
+    assert plan["peers"] is True and len(plan["nodes"]) == 4
     assert plan["origin_bytes"] == total and plan["origin_bytes_without_peers"] == 4 * total
     assert all(n["missing"] == total for n in plan["nodes"])
     text = lab.cli("warm", "m1:prod", "--region", "four", "--plan")
