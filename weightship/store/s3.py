@@ -413,7 +413,7 @@ class S3Store(Store):
         attempt = 0
         while True:
             try:
-                return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+                return self._get_small(full)
             except bexc.ClientError as e:
                 err = self._error(e, "read", full)
                 if isinstance(err, NotFoundError):
@@ -440,7 +440,7 @@ class S3Store(Store):
                 raise ConflictError(f"{key} already exists in {self.url}")
             if self._conditional is not False:
                 try:
-                    self._client.put_object(**kwargs, IfNoneMatch="*")
+                    self._put_small(kwargs, if_none_match=True)
                     self._conditional = True
                     return
                 except bexc.ClientError as e:
@@ -455,7 +455,30 @@ class S3Store(Store):
                 except bexc.BotoCoreError as e:
                     raise self._error(e, "write", full) from None
         with self._op("write", full):
-            self._client.put_object(**kwargs)
+            self._put_small(kwargs)
+
+    def _get_small(self, full: str) -> bytes:
+        if self._wire is None:
+            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+        conn, resp = self._wire.request("GET", full, operation="GetObject")
+        try:
+            data = resp.read()
+        finally:
+            self._wire.done(conn, resp)
+        return data
+
+    def _put_small(self, kwargs: dict[str, Any], if_none_match: bool = False) -> None:
+        """PutObject of a small object (manifest, signature, tag), over s3wire when open:
+        a publish or a pull makes a dozen such requests and each costs botocore far more
+        CPU than its bytes."""
+        if self._wire is None:
+            self._client.put_object(**kwargs, **({"IfNoneMatch": "*"} if if_none_match else {}))
+            return
+        checksum = {k: v for k, v in kwargs.items() if k in _CHECKSUM_HEADERS}
+        headers = {_CHECKSUM_HEADERS[k]: v for k, v in checksum.items()}
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        self._wire.put(kwargs["Key"], kwargs["Body"], headers)
 
     def _body_checksum(self, data: bytes | bytearray | memoryview, sha: bytes | None = None) -> dict[str, str]:
         if self._checksum == "sha256":
@@ -468,7 +491,10 @@ class S3Store(Store):
 
     def _exists(self, full: str) -> bool:
         try:
-            self._client.head_object(Bucket=self.bucket, Key=full)
+            if self._wire is None:
+                self._client.head_object(Bucket=self.bucket, Key=full)
+            else:
+                self._wire.done(*self._wire.request("HEAD", full, operation="HeadObject"))
             return True
         except bexc.ClientError as e:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
