@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import build_model, machine  # noqa: E402
+from netlink import Region  # noqa: E402
 
 from tests.fleetkit import fleet_toml  # noqa: E402
 from tests.servers import start_seaweed  # noqa: E402
@@ -77,44 +78,6 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-class ThrottledLink:
-    """A network namespace holding one end of a veth pair; ``tbf`` on each end throttles
-    both directions. Addresses are a /30 of 10.200.0.0/16 that only this pair uses."""
-
-    def __init__(self, rate_mbit: int) -> None:
-        tag = os.getpid() % 100000
-        self.rate = rate_mbit
-        self.ns = f"wsbench-{tag}"
-        self.host_if, self.ns_if = f"wsb{tag}h", f"wsb{tag}n"
-        third = tag % 250
-        self.host_ip, self.ns_ip = f"10.200.{third}.1", f"10.200.{third}.2"
-
-    def _ns(self, *cmd: str) -> None:
-        run("ip", "netns", "exec", self.ns, *cmd)
-
-    def up(self) -> None:
-        run("ip", "netns", "add", self.ns)
-        run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        run("ip", "link", "set", self.ns_if, "netns", self.ns)
-        run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
-        run("ip", "link", "set", self.host_if, "up")
-        self._ns("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
-        self._ns("ip", "link", "set", self.ns_if, "up")
-        self._ns("ip", "link", "set", "lo", "up")
-
-    def throttle(self) -> None:
-        # burst must cover a timer tick at this rate, or tbf cannot reach it.
-        tbf = ["tc", "qdisc", "replace", "dev"]
-        opts = ["root", "tbf", "rate", f"{self.rate}mbit", "burst", "256kb", "latency", "100ms"]
-        self._ns(*tbf, self.ns_if, *opts)
-        run(*tbf, self.host_if, *opts)
-
-    def down(self) -> None:
-        # Deleting the namespace deletes its end of the pair, and with it the pair.
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-
-
 def timed(fn) -> tuple[float, str]:
     started = time.monotonic()
     out = fn()
@@ -137,11 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
     print(f"release: {args.size_mib} MiB in {args.shards} shards; store behind {args.rate_mbit} Mbit/s (tbf)")
-    link = ThrottledLink(args.rate_mbit)
-    s3 = None
+    region = Region(["store"], "wsbench", "10.200")
+    with region:
+        try:
+            return measure(args, work, region)
+        finally:
+            if args.work is None:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path, region: Region) -> int:
+    link = region["store"]
+    s3 = start_seaweed(work, ip=link.ns_ip, netns=link.ns)
     try:
-        link.up()
-        s3 = start_seaweed(work, ip=link.ns_ip, netns=link.ns)
         bucket = s3.create_bucket("cold")
         store = f"s3://{bucket}/cold"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WEIGHTSHIP_", "AWS_"))}
@@ -158,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         run(*ws, "publish", model, "bench:1.0", "--tag", "prod", "--key", key, "--store", store, env=env)
         total = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
         shutil.rmtree(model)
-        link.throttle()
+        region.throttle(args.rate_mbit)
 
         cache = work / "node-cache"
         (work / "weightship.toml").write_text(
@@ -208,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target (b) >= {TARGET:g} x faster than (a): {'PASS' if ok else 'FAIL'}")
         return 0 if ok else 1
     finally:
-        if s3 is not None:
-            s3.stop()
-        link.down()
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
+        s3.stop()
 
 
 if __name__ == "__main__":

@@ -26,18 +26,23 @@ class Agent:
     port: int
     token: str
     proc: subprocess.Popen
+    host: str = "127.0.0.1"
 
     @property
     def cache(self) -> Path:
         return self.dir / "cache"
 
     @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}"
 
     def node(self, name: str) -> dict[str, Any]:
         """This agent as a fleet file's node table."""
-        return {"name": name, "transport": f"agent://127.0.0.1:{self.port}", "token_file": str(self.dir / "token")}
+        return {"name": name, "transport": f"agent://{self.address}", "token_file": str(self.dir / "token")}
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -54,7 +59,13 @@ class Agent:
                 self.proc.wait()
 
 
-def _spawn_agent(d: Path, policy: Path | None, env: dict[str, str]) -> Agent:
+def _spawn_agent(
+    d: Path, policy: Path | None, env: dict[str, str], *, host: str = "127.0.0.1", netns: str | None = None
+) -> Agent:
+    """``host`` and ``netns``: listen on that address inside that network namespace
+    (``ip netns exec`` keeps the PID), as bench/fanout.py does to put each node behind a
+    link of its own. The port is free on this namespace's loopback; a fresh namespace has
+    every port free."""
     from tests.sshd import weightship_script
 
     d.mkdir(parents=True)
@@ -65,7 +76,9 @@ def _spawn_agent(d: Path, policy: Path | None, env: dict[str, str]) -> Agent:
     log = open(d / "agent.log", "ab")  # noqa: SIM115 - the child owns it
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
     full_env.update(env)
-    cmd = [weightship_script(), "agent", "serve", "--cache", str(d / "cache"), "--listen", f"127.0.0.1:{port}"]
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cmd = ["ip", "netns", "exec", netns] if netns else []
+    cmd += [weightship_script(), "agent", "serve", "--cache", str(d / "cache"), "--listen", listen]
     cmd += ["--token-file", str(d / "token")]
     if policy is not None:
         cmd += ["--policy", str(policy)]
@@ -75,21 +88,31 @@ def _spawn_agent(d: Path, policy: Path | None, env: dict[str, str]) -> Agent:
         )
     finally:
         log.close()
-    return Agent(d, port, token, proc)
+    return Agent(d, port, token, proc, host)
 
 
 def start_agents(
-    dirs: list[Path], policy: Path | None, env: dict[str, str] | None = None, *, batch: int = 8, timeout: float = 60
+    dirs: list[Path],
+    policy: Path | None,
+    env: dict[str, str] | None = None,
+    *,
+    batch: int = 8,
+    timeout: float = 60,
+    places: list[tuple[str, str | None]] | None = None,
 ) -> list[Agent]:
     """Start one agent process per directory and wait until each answers /v1/health.
     Started ``batch`` at a time: dozens of interpreters importing at once on a small
-    machine would each take as long as all of them together."""
+    machine would each take as long as all of them together. ``places``, one per
+    directory: the (address, network namespace or None) each agent listens on."""
     import httpx
 
     agents: list[Agent] = []
     try:
         for i in range(0, len(dirs), batch):
-            group = [_spawn_agent(d, policy, env or {}) for d in dirs[i : i + batch]]
+            group = []
+            for j, d in enumerate(dirs[i : i + batch], start=i):
+                host, netns = places[j] if places else ("127.0.0.1", None)
+                group.append(_spawn_agent(d, policy, env or {}, host=host, netns=netns))
             agents += group
             deadline = time.monotonic() + timeout
             waiting = list(group)

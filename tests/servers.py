@@ -54,7 +54,8 @@ def weed_binary() -> str:
 
 
 class CountingProxy:
-    """A TCP proxy on 127.0.0.1 that counts bytes each way, and can misbehave on purpose.
+    """A TCP proxy (on 127.0.0.1 unless ``listen`` names another address of this host)
+    that counts bytes each way, and can misbehave on purpose.
 
     ``up`` is what clients sent to the server (requests and uploaded bodies), ``down``
     what the server sent back; ``reset()`` zeroes the counters between phases.
@@ -64,8 +65,9 @@ class CountingProxy:
     times, as a flaky network would.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, listen: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
+        self.host = listen
         self._lock = threading.Lock()
         self.up = 0
         self.down = 0
@@ -77,7 +79,7 @@ class CountingProxy:
         self._arm = 0  # bumped by cut_down_after so that open connections count afresh
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind((listen, 0))
         self._sock.listen(128)
         self.port = self._sock.getsockname()[1]
         self._closed = False
@@ -87,7 +89,7 @@ class CountingProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def reset(self) -> None:
         with self._lock:
