@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from weightship.errors import IntegrityError, NotFoundError, StoreError, UsageError
 from weightship.hashing import CHUNK
@@ -149,12 +149,7 @@ class UrlSource(Source):
         if uses_proxy(url):
             return self._fetch_httpx(url, dest, have, h, progress)
         u = urlsplit(url)
-        if u.scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                u.hostname or "", u.port, timeout=URL_TIMEOUT, context=shared_ssl_context()
-            )
-        else:
-            conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=URL_TIMEOUT)
+        conn = _connection(u, URL_TIMEOUT)
         try:
             conn.request("GET", u.path + (f"?{u.query}" if u.query else ""), headers=_range(have))
             resp = conn.getresponse()
@@ -196,6 +191,15 @@ class UrlSource(Source):
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _connection(u: SplitResult, timeout: float) -> Any:
+    """An unopened http.client connection to ``u``'s host, TLS verified with the shared context."""
+    import http.client
+
+    if u.scheme == "https":
+        return http.client.HTTPSConnection(u.hostname or "", u.port, timeout=timeout, context=shared_ssl_context())
+    return http.client.HTTPConnection(u.hostname or "", u.port, timeout=timeout)
 
 
 def _range(have: int) -> dict[str, str]:
@@ -442,12 +446,7 @@ class Sources:
             headers = {"Authorization": f"Bearer {peer['token']}"}
             if pos:
                 headers["Range"] = f"bytes={pos}-"
-            if u.scheme == "https":
-                conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    u.hostname or "", u.port, timeout=PEER_READ_TIMEOUT, context=shared_ssl_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=PEER_READ_TIMEOUT)
+            conn = _connection(u, PEER_READ_TIMEOUT)
             try:
                 try:
                     conn.request("GET", target, headers=headers)
