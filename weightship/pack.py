@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,16 @@ def walk(root: Path, ignore_paths: list[str]) -> tuple[dict[str, Path], bool]:
     return files, has_symlinks
 
 
+class _Either:
+    """Set when either of two events is (a cancel the caller holds, and our own)."""
+
+    def __init__(self, a: hashing.CancelFlag | None, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.b.is_set() or (self.a is not None and self.a.is_set())
+
+
 def pack(
     root: Path | str,
     *,
@@ -113,7 +124,7 @@ def pack(
     progress: hashing.Progress | None = None,
     workers: int | None = None,
     cache: DigestCache | None = None,
-    cancel: threading.Event | None = None,
+    cancel: hashing.CancelFlag | None = None,
 ) -> PackedModel:
     """Walk, check and hash a model directory. Nothing is written in it.
 
@@ -122,8 +133,6 @@ def pack(
     root = Path(root)
     ignore_paths = normalise_ignores(root, ignore)
     local, has_symlinks = walk(root, ignore_paths)
-    # Headers first: a truncated shard should fail in milliseconds, not after hashing.
-    summaries = {rel: tensors.summarise(path, rel) for rel, path in local.items() if tensors.is_safetensors(rel)}
     known: dict[str, tuple[str, int]] = {}
     stats: dict[str, os.stat_result] = {}
     if cache is not None:
@@ -136,7 +145,19 @@ def pack(
                     progress(st.st_size)
     hashed_at = time.time_ns()
     todo = [path for rel, path in local.items() if rel not in known]
-    by_path = hashing.sha256_files(todo, progress=progress, workers=workers, cancel=cancel)
+    # Headers are checked while the hashing threads run (hashlib releases the GIL): a
+    # truncated shard still fails in milliseconds, and stops the hashing.
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="weightship-hash") as bg:
+        hashed = bg.submit(hashing.sha256_files, todo, progress=progress, workers=workers, cancel=_Either(cancel, stop))
+        try:
+            summaries = {
+                rel: tensors.summarise(path, rel) for rel, path in local.items() if tensors.is_safetensors(rel)
+            }
+        except BaseException:
+            stop.set()
+            raise
+        by_path = hashed.result()
     entries = []
     for rel, path in local.items():
         digest, size = known[rel] if rel in known else by_path[path]
