@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
 
 CHUNK = 4 * 1024 * 1024
 
@@ -22,13 +22,7 @@ class Cancelled(Exception):
     """Hashing stopped because the caller no longer needs the result."""
 
 
-class CancelFlag(Protocol):
-    """What hashing checks between chunks (a threading.Event will do)."""
-
-    def is_set(self) -> bool: ...
-
-
-def sha256_file(path: Path, progress: Progress | None = None, cancel: CancelFlag | None = None) -> tuple[str, int]:
+def sha256_file(path: Path, progress: Progress | None = None, cancel: threading.Event | None = None) -> tuple[str, int]:
     """Return (hex digest, size) of a file, reading it once."""
     h = hashlib.sha256()
     size = 0
@@ -52,7 +46,7 @@ def sha256_files(
     paths: Iterable[Path],
     progress: Progress | None = None,
     workers: int | None = None,
-    cancel: CancelFlag | None = None,
+    cancel: threading.Event | None = None,
 ) -> dict[Path, tuple[str, int]]:
     """Hash many files at once; the biggest first so the pool drains evenly."""
     items = sorted(paths, key=lambda p: -p.stat().st_size)

@@ -107,16 +107,6 @@ def walk(root: Path, ignore_paths: list[str]) -> tuple[dict[str, Path], bool]:
     return files, has_symlinks
 
 
-class _Either:
-    """Set when either of two events is (a cancel the caller holds, and our own)."""
-
-    def __init__(self, a: hashing.CancelFlag | None, b: threading.Event) -> None:
-        self.a, self.b = a, b
-
-    def is_set(self) -> bool:
-        return self.b.is_set() or (self.a is not None and self.a.is_set())
-
-
 def pack(
     root: Path | str,
     *,
@@ -124,12 +114,13 @@ def pack(
     progress: hashing.Progress | None = None,
     workers: int | None = None,
     cache: DigestCache | None = None,
-    cancel: hashing.CancelFlag | None = None,
+    cancel: threading.Event | None = None,
 ) -> PackedModel:
     """Walk, check and hash a model directory. Nothing is written in it.
 
     With a digest ``cache``, files unchanged since they were last hashed are not read
-    again (see weightship.digestcache), and the cache learns the rest."""
+    again (see weightship.digestcache), and the cache learns the rest. Setting ``cancel``
+    stops the hashing; pack sets it too when it fails early."""
     root = Path(root)
     ignore_paths = normalise_ignores(root, ignore)
     local, has_symlinks = walk(root, ignore_paths)
@@ -146,10 +137,10 @@ def pack(
     hashed_at = time.time_ns()
     todo = [path for rel, path in local.items() if rel not in known]
     # Headers are checked while the hashing threads run (hashlib releases the GIL): a
-    # truncated shard still fails in milliseconds, and stops the hashing.
-    stop = threading.Event()
+    # truncated shard still fails in milliseconds, and sets ``stop`` to end the hashing.
+    stop = cancel if cancel is not None else threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="weightship-hash") as bg:
-        hashed = bg.submit(hashing.sha256_files, todo, progress=progress, workers=workers, cancel=_Either(cancel, stop))
+        hashed = bg.submit(hashing.sha256_files, todo, progress=progress, workers=workers, cancel=stop)
         try:
             summaries = {
                 rel: tensors.summarise(path, rel) for rel, path in local.items() if tensors.is_safetensors(rel)

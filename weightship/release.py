@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from weightship import hashing, oms, pack, refs
 from weightship.digestcache import DigestCache
@@ -303,27 +302,15 @@ def _pack_while_opening(
     """Hash the model in the background while the store is opened and checked here: a
     version that already exists is refused at once, not after the hashing."""
     cancel = threading.Event()
-    out: dict[str, Any] = {}
-
-    def run() -> None:
+    with ThreadPoolExecutor(1, thread_name_prefix="weightship-pack") as bg:
+        packing = bg.submit(pack.pack, root, ignore=ignore, progress=progress, cache=cache, cancel=cancel)
         try:
-            out["packed"] = pack.pack(root, ignore=ignore, progress=progress, cache=cache, cancel=cancel)
-        except BaseException as e:  # handed to the caller below
-            out["error"] = e
-
-    worker = threading.Thread(target=run, name="weightship-pack", daemon=True)
-    worker.start()
-    try:
-        opened = store if isinstance(store, Store) else store()
-        _check_publishable(opened, name, version, tag_list)
-    except BaseException:
-        cancel.set()
-        worker.join()
-        raise
-    worker.join()
-    if "error" in out:
-        raise out["error"]
-    return opened, out["packed"]
+            opened = store if isinstance(store, Store) else store()
+            _check_publishable(opened, name, version, tag_list)
+        except BaseException:
+            cancel.set()
+            raise
+        return opened, packing.result()
 
 
 def _check_publishable(store: Store, name: str, version: str, tag_list: list[str]) -> None:
