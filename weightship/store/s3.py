@@ -36,7 +36,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -946,45 +946,44 @@ class S3Store(Store):
         """One streaming GET, hashed and written as it arrives; a broken connection
         resumes from the last byte written. (A separate receiving thread was tried: no
         measurable gain, so it is not here.)"""
-        pos, attempt = start, 0
-        buf = bytearray(min(READ_CHUNK, end - start))
+        view = memoryview(bytearray(min(READ_CHUNK, end - start)))
+        self._receive(full, start, end, lambda pos: view[: min(len(view), end - pos)], sink.write)
+        return end - start
+
+    def _read_range(self, full: str, start: int, end: int, buf: bytearray) -> int:
+        """Bytes ``start..end-1`` into ``buf``; retried on broken connections."""
         view = memoryview(buf)
+        self._receive(full, start, end, lambda pos: view[pos - start : min(pos - start + READ_CHUNK, end - start)])
+        return end - start
+
+    def _receive(
+        self,
+        full: str,
+        start: int,
+        end: int,
+        into: Callable[[int], memoryview],
+        got: Callable[[memoryview], None] | None = None,
+    ) -> None:
+        """GET bytes ``start..end-1``, reading each piece into ``into(position)`` and
+        handing it to ``got``; a broken connection is retried from the next byte."""
+        pos, attempt = start, 0
         while pos < end:
             try:
                 body = self._get(full, pos, end)
                 with contextlib.closing(body):
                     while pos < end:
-                        k = body.readinto(view[: min(len(view), end - pos)])
+                        view = into(pos)
+                        k = body.readinto(view)
                         if not k:
                             raise ConnectionError("body ended early")
-                        sink.write(view[:k])
+                        if got is not None:
+                            got(view[:k])
                         pos += k
             except _STREAM_ERRORS as e:
                 attempt += 1
                 if attempt >= STREAM_ATTEMPTS:
                     raise self._error(e, "download", full) from None
                 backoff(attempt)
-        return end - start
-
-    def _read_range(self, full: str, start: int, end: int, buf: bytearray) -> int:
-        """Bytes ``start..end-1`` into ``buf``; retried on broken connections."""
-        view = memoryview(buf)[: end - start]
-        pos, attempt = 0, 0
-        while pos < len(view):
-            try:
-                body = self._get(full, start + pos, end)
-                with contextlib.closing(body):
-                    while pos < len(view):
-                        k = body.readinto(view[pos : pos + READ_CHUNK])
-                        if not k:
-                            raise ConnectionError("body ended early")
-                        pos += k
-            except _STREAM_ERRORS as e:
-                attempt += 1
-                if attempt >= STREAM_ATTEMPTS:
-                    raise self._error(e, "download", full) from None
-                backoff(attempt)
-        return pos
 
     def _parallel_ranges(self, full: str, start: int, end: int, sink: _Sink) -> int:
         """Fetch ranges of ``start..end`` in parallel, appending them in order, until
