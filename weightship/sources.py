@@ -17,6 +17,7 @@ from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 from weightship.errors import IntegrityError, NotFoundError, StoreError, UsageError
 from weightship.hashing import CHUNK
+from weightship.pagecache import write_all
 
 Progress = Callable[[int], None]
 
@@ -261,7 +262,7 @@ def _copy(read: Callable[[int], bytes], dst, h, progress: Progress | None, chunk
             break
         h.update(data)
         if dst is not None:
-            dst.write(data)
+            write_all(dst, data)
         n += len(data)
         if progress:
             progress(len(data))
@@ -484,7 +485,7 @@ class Sources:
                             raise _PeerError("sent more bytes than the blob has", appended)
                         data = view[:k]
                         h.update(data)
-                        out.write(data)
+                        write_all(out, data)
                         appended += k
                         pos += k
                         with self._lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 from weightship.errors import ConflictError, IntegrityError, NotFoundError, StoreError
 from weightship.hashing import CHUNK
 from weightship.manifest import check_relpath
+from weightship.pagecache import write_all
 from weightship.store.base import Progress, Store, blob_key
 
 
@@ -59,7 +60,7 @@ def copy_hashing(src, dst, h, progress: Progress | None) -> int:
         if not k:
             return n
         h.update(view[:k])
-        dst.write(view[:k])
+        write_all(dst, view[:k])
         n += k
         if progress:
             progress(k)

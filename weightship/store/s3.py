@@ -56,6 +56,7 @@ from weightship.errors import (
     WeightshipError,
 )
 from weightship.manifest import check_relpath
+from weightship.pagecache import write_all
 from weightship.sources import uses_proxy
 from weightship.store.base import Progress, Store, blob_key
 from weightship.store.s3wire import Wire, backoff
@@ -1067,7 +1068,7 @@ class _Sink:
 
     def write(self, data: bytes | memoryview) -> None:
         self.h.update(data)
-        self.out.write(data)
+        write_all(self.out, data)
         n = len(data)
         if self.progress:
             self.progress(n)
