@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -184,14 +185,14 @@ def test_blobs_round_trip_single_and_multipart(s3_store_url, tmp_path, monkeypat
         assert sum(seen) == size
         assert size <= proxy.down <= size + 8 * REQUEST_SLACK
         assert dest.read_bytes() == (tmp_path / name).read_bytes()
-    # Every part of the multipart blob carried a sha256 the server checked and kept:
+    # Every part of the multipart blob carried a CRC32 the server checked and kept:
     # the object's checksum is the composite of the five part checksums.
     bucket, prefix = split(s3_store_url)
     head = store._client.head_object(
         Bucket=bucket, Key=f"{prefix}/{blob_key(cases['multipart'][0])}", ChecksumMode="ENABLED"
     )
-    assert head.get("ChecksumSHA256", "").endswith("-5"), head
-    assert store._checksum == "sha256"
+    assert head.get("ChecksumCRC32", "").endswith("-5"), head
+    assert store._part_checksum == "crc32"
     assert unfinished_uploads(s3_server, bucket) == []
     store.close()
 
@@ -205,12 +206,12 @@ def test_server_rejects_a_part_whose_checksum_does_not_match(s3_store_url, s3_se
     bucket, _ = split(s3_store_url)
     client = s3_server.client()
     key = "probe/part"
-    upload = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256")["UploadId"]
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32")["UploadId"]
     try:
-        wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+        wrong = base64.b64encode(zlib.crc32(b"other bytes").to_bytes(4, "big")).decode()
         with pytest.raises(ClientError) as e:
             client.upload_part(
-                Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1000, ChecksumSHA256=wrong
+                Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1000, ChecksumCRC32=wrong
             )
         assert e.value.response["Error"]["Code"] == "BadDigest"
     finally:
@@ -230,12 +231,14 @@ def test_wire_parts_carry_checksums_the_server_verifies(s3_store_url, s3_server)
     key = f"{prefix}/probe/wire-part"
     upload = store._create_upload(key)
     try:
-        wrong = base64.b64encode(hashlib.sha256(b"other bytes").digest()).decode()
+        wrong = base64.b64encode(zlib.crc32(b"other bytes").to_bytes(4, "big")).decode()
         with pytest.raises(ClientError) as e:
-            store._send_body(key, memoryview(b"x" * 1000), {"ChecksumSHA256": wrong}, (upload, 1))
+            store._send_body(key, memoryview(b"x" * 1000), {"ChecksumCRC32": wrong}, (upload, 1))
         assert e.value.response["Error"]["Code"] == "BadDigest"
-        right = base64.b64encode(hashlib.sha256(b"x" * 1000).digest()).decode()
-        assert store._send_body(key, memoryview(b"x" * 1000), {"ChecksumSHA256": right}, (upload, 1))
+        assert store._part_checksums(b"x" * 1000) == {
+            "ChecksumCRC32": base64.b64encode(zlib.crc32(b"x" * 1000).to_bytes(4, "big")).decode()
+        }
+        assert store._send_body(key, memoryview(b"x" * 1000), store._part_checksums(b"x" * 1000), (upload, 1))
     finally:
         store._client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
         store.close()

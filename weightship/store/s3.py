@@ -8,10 +8,10 @@ Transfers, and why they look the way they do:
 
 * Large blobs go up as multipart uploads. One reader per blob reads the file once,
   in order, feeding the whole-file sha256 and handing each part's bytes to a shared
-  pool of upload threads; each part carries its own checksum (``x-amz-checksum-sha256``,
+  pool of upload threads; each part carries its own checksum (``x-amz-checksum-crc32``,
   or ``Content-MD5`` on servers without additional checksums) which the server
   verifies. If the file does not hash to its blob name the upload is aborted, so
-  nothing becomes visible.
+  nothing becomes visible. Single-PUT blobs and small objects carry their sha256.
 * An interrupted multipart upload is found again (``ListMultipartUploads``) and parts
   already on the server whose checksum matches the local bytes are not sent again.
 * Downloads are written to the partial file in order, so the sha256 is computed as the
@@ -36,6 +36,7 @@ import math
 import os
 import re
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -93,7 +94,11 @@ CREDENTIAL_CODES = {
 }
 UNSUPPORTED_CODES = {"NotImplemented", "InvalidArgument", "InvalidRequest", "UnsupportedHeader"}
 # The body checksum arguments of _body_checksum, as the headers s3wire sends.
-_CHECKSUM_HEADERS = {"ChecksumSHA256": "x-amz-checksum-sha256", "ContentMD5": "Content-MD5"}
+_CHECKSUM_HEADERS = {
+    "ChecksumSHA256": "x-amz-checksum-sha256",
+    "ChecksumCRC32": "x-amz-checksum-crc32",
+    "ContentMD5": "Content-MD5",
+}
 _AWS_HOST = re.compile(r"(^|\.)amazonaws\.com(\.cn)?$|(^|\.)api\.aws$")
 
 # Errors that can break a response body mid-stream; botocore retries the request but
@@ -185,6 +190,12 @@ class S3Store(Store):
         # Learnt from the server on first use: does it verify x-amz-checksum-sha256,
         # does it honour If-None-Match? (None: not known yet.)
         self._checksum = "sha256"
+        # Multipart parts carry a CRC32 instead (Content-MD5 where the server has no
+        # additional checksums): it guards the transfer as well, and the blob's sha256
+        # is still checked over the same bytes on this side. Measured against SeaweedFS
+        # for 1 GiB: a sha256 per part cost this side 0.77 CPU-s and the server, which
+        # verifies it in software, about 0.8 CPU-s more; a CRC32 costs 0.33 and ~0.1.
+        self._part_checksum = "crc32"
         self._conditional: bool | None = None
         self._downloading = 0  # get_blob calls in progress: how to share the connections
         self._wire: Wire | None = None
@@ -481,6 +492,11 @@ class S3Store(Store):
             headers["If-None-Match"] = "*"
         self._wire.put(kwargs["Key"], kwargs["Body"], headers)
 
+    def _part_checksums(self, data: bytes | bytearray | memoryview) -> dict[str, str]:
+        if self._part_checksum == "crc32":
+            return {"ChecksumCRC32": _b64(zlib.crc32(data).to_bytes(4, "big"))}
+        return {"ContentMD5": _b64(hashlib.md5(data).digest())}
+
     def _body_checksum(self, data: bytes | bytearray | memoryview, sha: bytes | None = None) -> dict[str, str]:
         if self._checksum == "sha256":
             return {"ChecksumSHA256": _b64(sha or hashlib.sha256(data).digest())}
@@ -639,7 +655,7 @@ class S3Store(Store):
                     if up.get("Key") != full:
                         continue
                     algo = up.get("ChecksumAlgorithm")
-                    if algo and algo.lower() != self._checksum:
+                    if algo and algo.lower() != self._part_checksum:
                         continue  # made with another checksum: its parts cannot be mixed in
                     if best is None or up.get("Initiated", 0) > best.get("Initiated", 0):
                         best = up
@@ -664,35 +680,36 @@ class S3Store(Store):
 
     def _create_upload(self, full: str) -> str:
         try:
-            if self._checksum == "sha256":
+            if self._part_checksum == "crc32":
                 try:
                     return self._client.create_multipart_upload(
-                        Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256"
+                        Bucket=self.bucket, Key=full, ChecksumAlgorithm="CRC32"
                     )["UploadId"]
                 except bexc.ClientError as e:
                     if not self._unsupported(e):
                         raise
-                    self._checksum = "md5"  # no additional checksums here: Content-MD5
+                    self._part_checksum = "md5"  # no additional checksums here: Content-MD5
             return self._client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         except (bexc.BotoCoreError, bexc.ClientError) as e:
             raise self._error(e, "start an upload of", full) from None
 
     def _part_matches(self, remote: dict[str, Any], buf: memoryview) -> dict[str, Any] | None:
         """The completion entry for a part already on the server, if it holds exactly
-        these bytes: by its sha256 checksum when the server lists it, else by its ETag,
-        which for a plain part is the MD5 of its bytes."""
+        these bytes: by its ETag, which for a plain part is the MD5 of its bytes (a
+        CRC32 alone is too weak to vouch for a part this side never sent), and by its
+        CRC32 too when the server lists one."""
         if int(remote.get("Size", -1)) != buf.nbytes:
             return None
         etag = str(remote.get("ETag", ""))
-        entry: dict[str, Any] = {"PartNumber": int(remote["PartNumber"]), "ETag": etag}
-        sha = _b64(hashlib.sha256(buf).digest()) if self._checksum == "sha256" else None
-        if remote.get("ChecksumSHA256"):
-            if remote["ChecksumSHA256"] != sha:
-                return None
-        elif etag.strip('"') != hashlib.md5(buf).hexdigest():
+        if etag.strip('"') != hashlib.md5(buf).hexdigest():
             return None
-        if sha:
-            entry["ChecksumSHA256"] = sha
+        entry: dict[str, Any] = {"PartNumber": int(remote["PartNumber"]), "ETag": etag}
+        checksum = self._part_checksums(buf)
+        listed = remote.get("ChecksumCRC32")
+        if listed and listed != checksum.get("ChecksumCRC32"):
+            return None
+        if "ChecksumCRC32" in checksum:
+            entry["ChecksumCRC32"] = checksum["ChecksumCRC32"]
         return entry
 
     def _put_multipart(self, hexdigest: str, full: str, src: Path, size: int, progress: Progress | None) -> int:
@@ -719,15 +736,15 @@ class S3Store(Store):
             try:
                 if cancelled.is_set():
                     return 0
-                checksum = self._body_checksum(body)
+                checksum = self._part_checksums(body)
                 try:
                     etag = self._send_body(full, body, checksum, (upload_id, num))
                 except BaseException:
                     failed.set()  # tells the reader to stop reading ahead
                     raise
                 entry = {"PartNumber": num, "ETag": etag}
-                if "ChecksumSHA256" in checksum:
-                    entry["ChecksumSHA256"] = checksum["ChecksumSHA256"]
+                if "ChecksumCRC32" in checksum:
+                    entry["ChecksumCRC32"] = checksum["ChecksumCRC32"]
                 done[num] = entry
                 if progress:
                     progress(len(body))
