@@ -8,6 +8,7 @@ printed as one line; exit codes are 0 (success), 1 (failure), 2 (usage).
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import os
 import sys
@@ -19,6 +20,12 @@ import typer
 
 from weightship import __version__
 from weightship.errors import UsageError, WeightshipError
+
+# A command loads botocore and its service models, cryptography and more: hundreds of
+# thousands of objects that live as long as the process, which the default thresholds
+# (a collection every 700 allocations) made the cycle collector walk again and again.
+# Measured: 0.03-0.05 s of a 0.5 s `pull`. Cycles are still collected, less often.
+gc.set_threshold(50_000, 20, 20)
 
 app = typer.Typer(
     name="weightship",
