@@ -14,6 +14,9 @@ uploads
 downloads
 * ``weightship pull REF DEST --key KEY.pub``       (verifies every sha256 and the signature)
 * ``aws s3 cp --recursive``, ``s5cmd cp``, boto3 ``download_file`` (no verification)
+* for the record, ``s5cmd cp`` followed by ``openssl dgst -sha256`` of every file (two at
+  a time): what it costs the fastest tool to know what weightship pull knows. The target
+  is held against plain ``s5cmd cp``.
 * ``weightship pull --sync`` as well, for the record: the same, every file fsynced before
   DEST appears (no other tool does that, so it is not the one held to the target)
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -186,6 +190,7 @@ def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path
             Tool("ws_pull_sync", "weightship pull --sync (verified, fsynced)", "down"),
             Tool("aws_down", "aws s3 cp --recursive", "down"),
             Tool("s5_down", "s5cmd cp", "down"),
+            Tool("s5_down_sha", "s5cmd cp, then sha256 of every file", "down"),
             Tool("boto3_down", "boto3 download_file (defaults)", "down"),
             Tool("ws_republish", "weightship publish, 1 of 8 shards changed", "re"),
         ]
@@ -193,6 +198,10 @@ def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path
 
     def argv(key_: str, rep: int, dest: Path) -> list[str]:
         p = f"r{rep}"
+
+        def q(path: Path) -> str:
+            return shlex.quote(str(path))
+
         ws_store = ["--store", f"s3://{bucket}/ws-{p}", "--json"]
         return {
             "ws_publish": [str(ws), "publish", str(model), f"bench:{p}", "--key", str(key), *ws_store],
@@ -203,6 +212,13 @@ def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path
             "ws_pull_sync": [str(ws), "pull", f"bench:{p}", str(dest), "--key", str(pub), "--sync", *ws_store],
             "aws_down": [aws, "s3", "cp", "--recursive", "--only-show-errors", f"s3://{bucket}/aws-{p}/", str(dest)],
             "s5_down": [s5, "--endpoint-url", server.endpoint, "cp", f"s3://{bucket}/s5-{p}/*", f"{dest}/"],
+            "s5_down_sha": [
+                "sh",
+                "-c",
+                f"{shlex.quote(s5)} --endpoint-url {server.endpoint} cp 's3://{bucket}/s5-{p}/*' {q(dest)}/"
+                f" >/dev/null && find {q(dest)} -type f -print0"
+                " | xargs -0 -P 2 -n 1 openssl dgst -sha256 >/dev/null",
+            ],
             "boto3_down": [py, "-c", BOTO3_DOWN, bucket, f"boto3-{p}/", str(dest)],
             "ws_republish": [str(ws), "publish", str(model_b), f"bench:{p}b", "--key", str(key), *ws_store],
         }[key_]
@@ -316,6 +332,7 @@ def report(tools: list[Tool], total: int, args) -> bool:
     fastest_up = min((by[k] for k in ("aws_up", "s5_up", "boto3_up")), key=lambda t: t.median)
     r_pub = by["ws_publish"].median / fastest_up.median
     r_pull = by["ws_pull"].median / by["s5_down"].median
+    r_pull_sha = by["ws_pull"].median / by["s5_down_sha"].median
     r_re = by["ws_republish"].median / by["ws_publish"].median
     print()
     print("targets")
@@ -324,6 +341,7 @@ def report(tools: list[Tool], total: int, args) -> bool:
         f"{verdict(r_pub <= PUBLISH_TARGET)}"
     )
     print(f"  pull     <= {PULL_TARGET} x s5cmd download:  {r_pull:.2f} x  {verdict(r_pull <= PULL_TARGET)}")
+    print(f"  (for the record: pull vs s5cmd download then sha256 of every file: {r_pull_sha:.2f} x)")
     print(
         f"  republish (1 of 8 shards) <= {REPUBLISH_TARGET} x publish: {r_re:.2f} x  "
         f"{verdict(r_re <= REPUBLISH_TARGET)}  ({by['ws_republish'].notes[-1]})"
