@@ -68,7 +68,7 @@ def _spawn_agent(
     every port free."""
     from tests.sshd import weightship_script
 
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
     (d / "token").write_text(token + "\n")
     (d / "token").chmod(0o600)
@@ -107,19 +107,30 @@ def start_agents(
     import httpx
 
     agents: list[Agent] = []
+    where: dict[Path, tuple[str, str | None]] = {}
+    respawns = 0
     try:
         for i in range(0, len(dirs), batch):
             group = []
             for j, d in enumerate(dirs[i : i + batch], start=i):
-                host, netns = places[j] if places else ("127.0.0.1", None)
-                group.append(_spawn_agent(d, policy, env or {}, host=host, netns=netns))
+                where[d] = places[j] if places else ("127.0.0.1", None)
+                group.append(_spawn_agent(d, policy, env or {}, host=where[d][0], netns=where[d][1]))
             agents += group
             deadline = time.monotonic() + timeout
             waiting = list(group)
             while waiting:
                 a = waiting[0]
                 if a.proc.poll() is not None:
-                    raise RuntimeError(f"agent exited: {(a.dir / 'agent.log').read_text()}")
+                    log = (a.dir / "agent.log").read_text()
+                    if "address already in use" in log and respawns < 5:
+                        # free_port() found a port that was free then; another process
+                        # (an outgoing connection's ephemeral port) took it meanwhile.
+                        respawns += 1
+                        (a.dir / "agent.log").rename(a.dir / f"agent.log.{respawns}")
+                        b = _spawn_agent(a.dir, policy, env or {}, host=where[a.dir][0], netns=where[a.dir][1])
+                        agents[agents.index(a)] = waiting[0] = b
+                        continue
+                    raise RuntimeError(f"agent exited: {log}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"agent on port {a.port} did not come up")
                 with contextlib.suppress(httpx.HTTPError):
