@@ -27,13 +27,13 @@ def make_model(root: Path, files: int = 4, size: int = 256 * 1024) -> Path:
 def hashed(monkeypatch) -> list[str]:
     """The names of the files pack actually reads to hash, in this process."""
     seen: list[str] = []
-    real = hashing.sha256_file
+    real = hashing.digest_file
 
-    def spy(path, progress=None, cancel=None):
+    def spy(path, progress=None, cancel=None, **kwargs):
         seen.append(Path(path).name)
-        return real(path, progress, cancel)
+        return real(path, progress, cancel, **kwargs)
 
-    monkeypatch.setattr(hashing, "sha256_file", spy)
+    monkeypatch.setattr(hashing, "digest_file", spy)
     return seen
 
 

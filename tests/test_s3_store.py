@@ -276,6 +276,63 @@ def test_changed_file_is_never_published(s3_store_url, tmp_path, s3_server):
     store.close()
 
 
+def test_parts_sent_with_the_crc32s_read_while_hashing(s3_store_url, tmp_path, s3_server, monkeypatch):
+    """Given the chunk CRC32s publish reads in the same pass as the sha256, the upload
+    does not hash the file again; the server verifies every part against them, so a
+    file that changed after it was hashed is refused and nothing becomes visible."""
+    import hashlib as real_hashlib
+
+    from weightship import hashing
+    from weightship.store import s3 as s3_module
+
+    fed: list[int] = []
+
+    class Sha256:
+        def __init__(self, *args):
+            self._h = real_hashlib.sha256(*args)
+
+        def update(self, data):
+            fed.append(len(data))
+            self._h.update(data)
+
+        def __getattr__(self, name):
+            return getattr(self._h, name)
+
+    class Hashlib:
+        sha256 = Sha256
+
+        def __getattr__(self, name):
+            return getattr(real_hashlib, name)
+
+    monkeypatch.setattr(s3_module, "hashlib", Hashlib())
+    store = S3Store(*split(s3_store_url), part_size=PART, concurrency=2)
+    make_file(tmp_path / "f", 3 * PART + 77, seed=9)
+    d = hashing.digest_file(tmp_path / "f", crc32=True)
+    assert store.put_blob(d.sha256, tmp_path / "f", d.size, chunk_crc32=d.chunk_crc32) == d.size
+    assert sum(fed) == 0  # not a byte hashed again
+    out = tmp_path / "out"
+    store.get_blob(d.sha256, out, d.size)
+    assert out.read_bytes() == (tmp_path / "f").read_bytes()
+    # Without them (a digest from the digest cache), every byte is hashed as it is sent.
+    make_file(tmp_path / "h", 2 * PART + 1, seed=11)
+    dh = hashing.digest_file(tmp_path / "h")
+    fed.clear()
+    assert store.put_blob(dh.sha256, tmp_path / "h", dh.size) == dh.size
+    assert sum(fed) == dh.size
+
+    # Changed after hashing, same size: the server refuses the part that differs.
+    make_file(tmp_path / "g", 3 * PART, seed=10)
+    d2 = hashing.digest_file(tmp_path / "g", crc32=True)
+    data = bytearray((tmp_path / "g").read_bytes())
+    data[2 * PART + 5] ^= 0xFF
+    (tmp_path / "g").write_bytes(data)
+    with pytest.raises(IntegrityError, match="changed while publishing"):
+        store.put_blob(d2.sha256, tmp_path / "g", d2.size, chunk_crc32=d2.chunk_crc32)
+    assert not store.has_blob(d2.sha256)
+    assert unfinished_uploads(s3_server, split(s3_store_url)[0]) == []
+    store.close()
+
+
 UPLOADER = """
 import sys
 from pathlib import Path

@@ -382,6 +382,9 @@ def publish(
         from weightship.digestcache import DigestCache
 
         cache = DigestCache(Path(source))
+    from weightship.store import takes_chunk_crc32
+
+    store_url = load_config(ctx).store_url(store)
     result = release.publish(
         Path(source),
         ref,
@@ -393,6 +396,7 @@ def publish(
         reporter=rep,
         packed=packed,
         cache=cache,
+        chunk_crc32=takes_chunk_crc32(store_url),
     )
     if to_github:
         github.publish(result.to_dict())

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightship import hashing, tensors
@@ -30,6 +30,9 @@ class PackedModel:
     local: dict[str, Path]
     ignore_paths: list[str]
     has_symlinks: bool
+    # CRC32 of every hashing.CRC_CHUNK bytes of the files hashed (not those taken from
+    # the digest cache), read in the same pass as their sha256, when pack was asked.
+    chunk_crc32: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def path_of(self, relpath: str) -> Path:
         return self.local[relpath]
@@ -115,12 +118,14 @@ def pack(
     workers: int | None = None,
     cache: DigestCache | None = None,
     cancel: threading.Event | None = None,
+    crc32: bool = False,
 ) -> PackedModel:
     """Walk, check and hash a model directory. Nothing is written in it.
 
     With a digest ``cache``, files unchanged since they were last hashed are not read
     again (see weightship.digestcache), and the cache learns the rest. Setting ``cancel``
-    stops the hashing; pack sets it too when it fails early."""
+    stops the hashing; pack sets it too when it fails early. With ``crc32``, the files
+    read also get their chunk CRC32s (``PackedModel.chunk_crc32``)."""
     root = Path(root)
     ignore_paths = normalise_ignores(root, ignore)
     local, has_symlinks = walk(root, ignore_paths)
@@ -140,7 +145,7 @@ def pack(
     # truncated shard still fails in milliseconds, and sets ``stop`` to end the hashing.
     stop = cancel if cancel is not None else threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="weightship-hash") as bg:
-        hashed = bg.submit(hashing.sha256_files, todo, progress=progress, workers=workers, cancel=stop)
+        hashed = bg.submit(hashing.digest_files, todo, progress=progress, workers=workers, cancel=stop, crc32=crc32)
         try:
             summaries = {
                 rel: tensors.summarise(path, rel) for rel, path in local.items() if tensors.is_safetensors(rel)
@@ -150,8 +155,15 @@ def pack(
             raise
         by_path = hashed.result()
     entries = []
+    crcs: dict[str, tuple[int, ...]] = {}
     for rel, path in local.items():
-        digest, size = known[rel] if rel in known else by_path[path]
+        if rel in known:
+            digest, size = known[rel]
+        else:
+            d = by_path[path]
+            digest, size = d.sha256, d.size
+            if d.chunk_crc32 is not None:
+                crcs[rel] = d.chunk_crc32
         entries.append(FileEntry(rel, size, digest, summaries.get(rel)))
         if cache is not None and rel not in known and size == stats[rel].st_size:
             cache.remember(rel, stats[rel], digest, hashed_at)
@@ -159,4 +171,4 @@ def pack(
         cache.forget_others(set(local))
         cache.save()
     manifest = Manifest(files=entries, ignore_paths=list(ignore_paths))
-    return PackedModel(root, manifest, local, ignore_paths, has_symlinks)
+    return PackedModel(root, manifest, local, ignore_paths, has_symlinks, crcs)

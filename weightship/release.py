@@ -197,10 +197,10 @@ def upload_blobs(
 ) -> tuple[int, int, int, int]:
     """Upload the blobs the store lacks; return (bytes up, bytes skipped, blobs up, blobs skipped)."""
     workers = workers or UPLOAD_WORKERS
-    first_path: dict[str, Path] = {}
+    first_rel: dict[str, str] = {}
     sizes = {}
     for f in packed.manifest.files:
-        first_path.setdefault(f.sha256, packed.path_of(f.path))
+        first_rel.setdefault(f.sha256, f.path)
         sizes[f.sha256] = f.size
     with ThreadPoolExecutor(max_workers=workers) as pool:
         present = dict(zip(sizes, pool.map(store.has_blob, sizes), strict=False))
@@ -212,7 +212,13 @@ def upload_blobs(
         with reporter.task("uploading", total_missing) as advance, ThreadPoolExecutor(max_workers=workers) as pool:
             # Biggest first so that the last one to finish is small.
             order = sorted(missing, key=lambda h: -sizes[h])
-            for n in pool.map(lambda h: store.put_blob(h, first_path[h], sizes[h], advance), order):
+
+            def put(h: str) -> int:
+                rel = first_rel[h]
+                crcs = packed.chunk_crc32.get(rel)
+                return store.put_blob(h, packed.path_of(rel), sizes[h], advance, chunk_crc32=crcs)
+
+            for n in pool.map(put, order):
                 sent += n
     return sent, sum(sizes[h] for h in skipped), len(missing), len(skipped)
 
@@ -229,12 +235,15 @@ def publish(
     reporter: Reporter | None = None,
     packed: pack.PackedModel | None = None,
     cache: DigestCache | None = None,
+    chunk_crc32: bool | None = None,
 ) -> PublishResult:
     """Pack, sign, upload what is missing, then commit manifest and tags.
 
     ``store`` may be a function that opens it: it is then called while the model is
     being hashed, so that connecting (and for S3, starting botocore) costs no time of
-    its own. ``cache`` lets files unchanged since the last publish skip hashing."""
+    its own. ``cache`` lets files unchanged since the last publish skip hashing.
+    ``chunk_crc32``: record CRC32s while hashing for the upload to send (Store.put_blob);
+    by default when ``store`` is a store that takes them (pass it with a function)."""
     reporter = reporter or Reporter()
     name, version = refs.parse_release(ref)
     tag_list = [refs.check_label(t, "tag") for t in tags_]
@@ -243,7 +252,8 @@ def publish(
         root = Path(source)
         total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
         with reporter.task("hashing", total) as advance:
-            store, packed = _pack_while_opening(root, store, name, version, tag_list, ignore, advance, cache)
+            crc32 = chunk_crc32 if chunk_crc32 is not None else getattr(store, "takes_chunk_crc32", False)
+            store, packed = _pack_while_opening(root, store, name, version, tag_list, ignore, advance, cache, crc32)
     else:
         store = store if isinstance(store, Store) else store()
         _check_publishable(store, name, version, tag_list)
@@ -298,12 +308,13 @@ def _pack_while_opening(
     ignore: Iterable[str | Path],
     progress: Callable[[int], None],
     cache: DigestCache | None,
+    crc32: bool = False,
 ) -> tuple[Store, pack.PackedModel]:
     """Hash the model in the background while the store is opened and checked here: a
     version that already exists is refused at once, not after the hashing."""
     cancel = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="weightship-pack") as bg:
-        packing = bg.submit(pack.pack, root, ignore=ignore, progress=progress, cache=cache, cancel=cancel)
+        packing = bg.submit(pack.pack, root, ignore=ignore, progress=progress, cache=cache, cancel=cancel, crc32=crc32)
         try:
             opened = store if isinstance(store, Store) else store()
             _check_publishable(opened, name, version, tag_list)

@@ -9,7 +9,13 @@ from weightship.store.base import Store, blob_key
 
 DEFAULT_STORE = "file://.weightship/store"
 
-__all__ = ["DEFAULT_STORE", "Store", "blob_key", "open_store"]
+__all__ = ["DEFAULT_STORE", "Store", "blob_key", "open_store", "takes_chunk_crc32"]
+
+
+def takes_chunk_crc32(url: str | None = None) -> bool:
+    """Whether the store at ``url`` uploads with chunk CRC32s (see Store.put_blob), so
+    that publish can record them while hashing, before the store is opened."""
+    return (url or DEFAULT_STORE).startswith("s3://")
 
 
 def open_store(url: str | None = None) -> Store:

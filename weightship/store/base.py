@@ -10,7 +10,7 @@ caller unless its bytes hash to its name.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Progress = Callable[[int], None]
@@ -22,6 +22,9 @@ def blob_key(hexdigest: str) -> str:
 
 class Store(ABC):
     url: str
+    # Whether put_blob makes use of the chunk CRC32s that hashing can record in the same
+    # pass as the sha256 (publish then asks pack for them).
+    takes_chunk_crc32: bool = False
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -45,11 +48,23 @@ class Store(ABC):
         return self.exists(blob_key(hexdigest))
 
     @abstractmethod
-    def put_blob(self, hexdigest: str, src: Path, size: int, progress: Progress | None = None) -> int:
+    def put_blob(
+        self,
+        hexdigest: str,
+        src: Path,
+        size: int,
+        progress: Progress | None = None,
+        *,
+        chunk_crc32: Sequence[int] | None = None,
+    ) -> int:
         """Upload a file as a blob unless the store has it; return bytes sent.
 
         The file is hashed while it is sent; if it no longer matches ``hexdigest`` the
-        upload is abandoned with IntegrityError and nothing becomes visible."""
+        upload is abandoned with IntegrityError and nothing becomes visible. A store that
+        ``takes_chunk_crc32`` may instead send the bytes with checksums derived from
+        ``chunk_crc32`` (hashing.CRC_CHUNK-byte CRC32s read in the same pass as
+        ``hexdigest``), which its server verifies: bytes that changed since they were
+        hashed are refused just the same."""
 
     @abstractmethod
     def get_blob(

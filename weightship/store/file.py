@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from weightship.errors import ConflictError, IntegrityError, NotFoundError, StoreError
@@ -108,7 +109,16 @@ class FileStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def put_blob(self, hexdigest: str, src: Path, size: int, progress: Progress | None = None) -> int:
+    def put_blob(
+        self,
+        hexdigest: str,
+        src: Path,
+        size: int,
+        progress: Progress | None = None,
+        *,
+        chunk_crc32: Sequence[int] | None = None,
+    ) -> int:
+        # chunk_crc32 is not needed: the copy is hashed as it is written, on this machine.
         final = self._path(blob_key(hexdigest))
         if final.exists():
             return 0

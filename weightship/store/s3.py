@@ -7,11 +7,14 @@ is configured (MinIO, Ceph, R2, SeaweedFS) requests use path-style addressing.
 Transfers, and why they look the way they do:
 
 * Large blobs go up as multipart uploads. One reader per blob reads the file once,
-  in order, feeding the whole-file sha256 and handing each part's bytes to a shared
-  pool of upload threads; each part carries its own checksum (``x-amz-checksum-crc32``,
-  or ``Content-MD5`` on servers without additional checksums) which the server
-  verifies. If the file does not hash to its blob name the upload is aborted, so
-  nothing becomes visible. Single-PUT blobs and small objects carry their sha256.
+  in order, handing each part's bytes to a shared pool of upload threads; each part
+  carries its own checksum (``x-amz-checksum-crc32``, or ``Content-MD5`` on servers
+  without additional checksums) which the server verifies. When publish read the
+  file's chunk CRC32s in the same pass as the sha256 that names the blob, the parts
+  carry the CRC32s of the bytes hashed and nothing is hashed again; otherwise the
+  reader feeds the whole-file sha256 as it goes. Either way, bytes that are not the
+  ones that hash to the blob's name abort the upload, so nothing becomes visible.
+  Single-PUT blobs and small objects carry their sha256.
 * An interrupted multipart upload is found again (``ListMultipartUploads``) and parts
   already on the server whose checksum matches the local bytes are not sent again.
 * Downloads are written to the partial file in order, so the sha256 is computed as the
@@ -37,7 +40,7 @@ import os
 import re
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -56,6 +59,7 @@ from weightship.errors import (
     UsageError,
     WeightshipError,
 )
+from weightship.hashing import part_crc32s
 from weightship.manifest import check_relpath
 from weightship.pagecache import write_all
 from weightship.sources import uses_proxy
@@ -149,6 +153,7 @@ def _env_int(name: str) -> int | None:
 class S3Store(Store):
     """A store in ``s3://bucket/prefix``; safe to share between threads."""
 
+    takes_chunk_crc32 = True
     list_page_size: int | None = None  # keys per listing request; None: the server's (1000)
     use_wire = True  # blob bytes over s3wire; False sends them through botocore too
 
@@ -562,7 +567,15 @@ class S3Store(Store):
 
     # -- uploads ---------------------------------------------------------------------------
 
-    def put_blob(self, hexdigest: str, src: Path, size: int, progress: Progress | None = None) -> int:
+    def put_blob(
+        self,
+        hexdigest: str,
+        src: Path,
+        size: int,
+        progress: Progress | None = None,
+        *,
+        chunk_crc32: Sequence[int] | None = None,
+    ) -> int:
         """Upload ``src`` unless the store has it; return the bytes actually sent.
 
         ``progress`` receives every byte accounted for, including parts an earlier,
@@ -574,7 +587,7 @@ class S3Store(Store):
         try:
             if size <= self.part_size:
                 return self._put_single(hexdigest, full, Path(src), size, progress)
-            return self._put_multipart(hexdigest, full, Path(src), size, progress)
+            return self._put_multipart(hexdigest, full, Path(src), size, progress, chunk_crc32)
         except OSError as e:
             raise StoreError(f"cannot read {src}: {e.strerror or e}") from None
 
@@ -712,7 +725,15 @@ class S3Store(Store):
             entry["ChecksumCRC32"] = checksum["ChecksumCRC32"]
         return entry
 
-    def _put_multipart(self, hexdigest: str, full: str, src: Path, size: int, progress: Progress | None) -> int:
+    def _put_multipart(
+        self,
+        hexdigest: str,
+        full: str,
+        src: Path,
+        size: int,
+        progress: Progress | None,
+        chunk_crc32: Sequence[int] | None = None,
+    ) -> int:
         upload_id, existing = self._find_upload(full)
         part_size = self._part_size_for(size)
         first = existing.get(1)
@@ -725,6 +746,13 @@ class S3Store(Store):
         if upload_id is None:
             upload_id = self._create_upload(full)
         nparts = math.ceil(size / part_size)
+        # The part CRC32s, when the caller read them in the same pass as the sha256 that
+        # names the blob: then each part is sent with the checksum of the bytes that were
+        # hashed, the server refuses a part whose bytes differ, and nothing is hashed
+        # again here. Otherwise the whole file is hashed as it is read.
+        hashed = None
+        if chunk_crc32 is not None and self._part_checksum == "crc32":
+            hashed = part_crc32s(chunk_crc32, size, part_size)
         pool = self._executor()
         whole = hashlib.sha256()
         done: dict[int, dict[str, Any]] = {}
@@ -736,7 +764,10 @@ class S3Store(Store):
             try:
                 if cancelled.is_set():
                     return 0
-                checksum = self._part_checksums(body)
+                if hashed is not None:
+                    checksum = {"ChecksumCRC32": _b64(hashed[num - 1].to_bytes(4, "big"))}
+                else:
+                    checksum = self._part_checksums(body)
                 try:
                     etag = self._send_body(full, body, checksum, (upload_id, num))
                 except BaseException:
@@ -773,7 +804,8 @@ class S3Store(Store):
                         view = memoryview(buf)[:n]
                         if _readinto_exact(fh, view) != n:
                             raise self._changed(src, "it is shorter than the manifest says")
-                        whole.update(view)
+                        if hashed is None:
+                            whole.update(view)
                         remote = existing.get(num)
                         entry = self._part_matches(remote, view) if remote else None
                         if entry is None:
@@ -795,11 +827,14 @@ class S3Store(Store):
                 exc = f.exception()
                 if exc is not None:
                     stop_queued()
-                    raise self._error(exc, "upload", full)
+                    err = self._error(exc, "upload", full)
+                    if hashed is not None and isinstance(err, IntegrityError):
+                        err = self._changed(src, "a part differs from the bytes hashed")
+                    raise err
                 sent += f.result()
             if grew:
                 raise self._changed(src, "it is longer than the manifest says")
-            if whole.hexdigest() != hexdigest:
+            if hashed is None and whole.hexdigest() != hexdigest:
                 raise self._changed(src, f"sha256 now {whole.hexdigest()[:12]}…")
         except IntegrityError:
             stop_queued()
