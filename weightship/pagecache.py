@@ -9,10 +9,11 @@ Why slices, and why 32 KiB: on a virtual machine whose idle memory goes back to 
 the kernel time of filling the page cache depends on the size of each ``write()``.
 Measured there, 1 GiB written a few seconds after memory was freed took 0.33-0.47 s of
 kernel time in 32 KiB writes (12 runs of 12), but 0.95-2.99 s in writes of 8, 16, 64 or
-128 KiB or 1 MiB (and 0.61-2.59 s in 256 KiB): a host fault per page for the larger page
-cache folios. With warm memory every size costs 0.25-0.35 s, and the extra calls cost
-about 0.02 s of interpreter time per GiB. A pull that wrote a MiB at a time spent more
-CPU on this than on sha256. 32 KiB is also what Go's io.Copy, and so s5cmd, writes.
+128 KiB or 1 MiB (and 0.61-2.59 s in 256 KiB), almost all of it in the copy into the
+page cache, as if each new page of those folios cost a fault in the host. With warm
+memory every size costs 0.25-0.35 s, and the extra calls cost about 0.02 s of
+interpreter time per GiB. A pull that wrote a MiB at a time spent more CPU on this than
+on sha256. 32 KiB is also what Go's io.Copy, and so s5cmd, writes.
 """
 
 from __future__ import annotations

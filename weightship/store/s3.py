@@ -706,11 +706,12 @@ class S3Store(Store):
         except (bexc.BotoCoreError, bexc.ClientError) as e:
             raise self._error(e, "start an upload of", full) from None
 
-    def _part_matches(self, remote: dict[str, Any], buf: memoryview) -> dict[str, Any] | None:
+    def _part_matches(self, remote: dict[str, Any], buf: memoryview, hashed: int | None) -> dict[str, Any] | None:
         """The completion entry for a part already on the server, if it holds exactly
         these bytes: by its ETag, which for a plain part is the MD5 of its bytes (a
         CRC32 alone is too weak to vouch for a part this side never sent), and by its
-        CRC32 too when the server lists one."""
+        CRC32 too when the server lists one; ``hashed``, the CRC32 these bytes had when
+        they were hashed, if known, must still be theirs."""
         if int(remote.get("Size", -1)) != buf.nbytes:
             return None
         etag = str(remote.get("ETag", ""))
@@ -720,6 +721,8 @@ class S3Store(Store):
         checksum = self._part_checksums(buf)
         listed = remote.get("ChecksumCRC32")
         if listed and listed != checksum.get("ChecksumCRC32"):
+            return None
+        if hashed is not None and zlib.crc32(buf) != hashed:
             return None
         if "ChecksumCRC32" in checksum:
             entry["ChecksumCRC32"] = checksum["ChecksumCRC32"]
@@ -807,7 +810,8 @@ class S3Store(Store):
                         if hashed is None:
                             whole.update(view)
                         remote = existing.get(num)
-                        entry = self._part_matches(remote, view) if remote else None
+                        was = hashed[num - 1] if hashed is not None else None
+                        entry = self._part_matches(remote, view, was) if remote else None
                         if entry is None:
                             futures.append((pool.submit(upload, num, buf, view), buf))
                             queued = True
