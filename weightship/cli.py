@@ -382,13 +382,14 @@ def publish(
         from weightship.digestcache import DigestCache
 
         cache = DigestCache(Path(source))
+    from weightship.store import open_store as open_url
     from weightship.store import takes_chunk_crc32
 
     store_url = load_config(ctx).store_url(store)
     result = release.publish(
         Path(source),
         ref,
-        lambda: open_store(ctx, store),
+        lambda: open_url(store_url),
         tags_=tag or [],
         signer=signer,
         ignore=ignore or [],

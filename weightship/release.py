@@ -32,7 +32,7 @@ from weightship.errors import (
 from weightship.manifest import Manifest
 from weightship.progress import Reporter
 from weightship.signing import Signer
-from weightship.store import Store
+from weightship.store import Store, takes_chunk_crc32
 from weightship.store.file import fsync_dir
 from weightship.trust import SignerInfo, TrustPolicy, verify_bundle
 from weightship.verify import compare, safe_ignores
@@ -252,7 +252,9 @@ def publish(
         root = Path(source)
         total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
         with reporter.task("hashing", total) as advance:
-            crc32 = chunk_crc32 if chunk_crc32 is not None else getattr(store, "takes_chunk_crc32", False)
+            crc32 = chunk_crc32
+            if crc32 is None:
+                crc32 = isinstance(store, Store) and takes_chunk_crc32(store.url)
             store, packed = _pack_while_opening(root, store, name, version, tag_list, ignore, advance, cache, crc32)
     else:
         store = store if isinstance(store, Store) else store()

@@ -22,9 +22,6 @@ def blob_key(hexdigest: str) -> str:
 
 class Store(ABC):
     url: str
-    # Whether put_blob makes use of the chunk CRC32s that hashing can record in the same
-    # pass as the sha256 (publish then asks pack for them).
-    takes_chunk_crc32: bool = False
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -61,10 +58,10 @@ class Store(ABC):
 
         The file is hashed while it is sent; if it no longer matches ``hexdigest`` the
         upload is abandoned with IntegrityError and nothing becomes visible. A store that
-        ``takes_chunk_crc32`` may instead send the bytes with checksums derived from
-        ``chunk_crc32`` (hashing.CRC_CHUNK-byte CRC32s read in the same pass as
-        ``hexdigest``), which its server verifies: bytes that changed since they were
-        hashed are refused just the same."""
+        takes them (weightship.store.takes_chunk_crc32) may instead send the bytes with
+        checksums derived from ``chunk_crc32`` (hashing.CRC_CHUNK-byte CRC32s read in the
+        same pass as ``hexdigest``), which its server verifies: bytes that changed since
+        they were hashed are refused just the same."""
 
     @abstractmethod
     def get_blob(

@@ -153,7 +153,6 @@ def _env_int(name: str) -> int | None:
 class S3Store(Store):
     """A store in ``s3://bucket/prefix``; safe to share between threads."""
 
-    takes_chunk_crc32 = True
     list_page_size: int | None = None  # keys per listing request; None: the server's (1000)
     use_wire = True  # blob bytes over s3wire; False sends them through botocore too
 
@@ -497,9 +496,10 @@ class S3Store(Store):
             headers["If-None-Match"] = "*"
         self._wire.put(kwargs["Key"], kwargs["Body"], headers)
 
-    def _part_checksums(self, data: bytes | bytearray | memoryview) -> dict[str, str]:
+    def _part_checksums(self, data: bytes | bytearray | memoryview, crc: int | None = None) -> dict[str, str]:
+        """The checksum a part is sent with; ``crc``: its CRC32, when already known."""
         if self._part_checksum == "crc32":
-            return {"ChecksumCRC32": _b64(zlib.crc32(data).to_bytes(4, "big"))}
+            return {"ChecksumCRC32": _b64((zlib.crc32(data) if crc is None else crc).to_bytes(4, "big"))}
         return {"ContentMD5": _b64(hashlib.md5(data).digest())}
 
     def _body_checksum(self, data: bytes | bytearray | memoryview, sha: bytes | None = None) -> dict[str, str]:
@@ -718,11 +718,12 @@ class S3Store(Store):
         if etag.strip('"') != hashlib.md5(buf).hexdigest():
             return None
         entry: dict[str, Any] = {"PartNumber": int(remote["PartNumber"]), "ETag": etag}
-        checksum = self._part_checksums(buf)
+        crc = zlib.crc32(buf) if self._part_checksum == "crc32" else None
+        if hashed is not None and crc != hashed:
+            return None
+        checksum = self._part_checksums(buf, crc)
         listed = remote.get("ChecksumCRC32")
         if listed and listed != checksum.get("ChecksumCRC32"):
-            return None
-        if hashed is not None and zlib.crc32(buf) != hashed:
             return None
         if "ChecksumCRC32" in checksum:
             entry["ChecksumCRC32"] = checksum["ChecksumCRC32"]
@@ -767,10 +768,7 @@ class S3Store(Store):
             try:
                 if cancelled.is_set():
                     return 0
-                if hashed is not None:
-                    checksum = {"ChecksumCRC32": _b64(hashed[num - 1].to_bytes(4, "big"))}
-                else:
-                    checksum = self._part_checksums(body)
+                checksum = self._part_checksums(body, hashed[num - 1] if hashed is not None else None)
                 try:
                     etag = self._send_body(full, body, checksum, (upload_id, num))
                 except BaseException:
