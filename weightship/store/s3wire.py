@@ -1,23 +1,25 @@
-"""The S3 bulk-data path: part uploads and ranged downloads over ``http.client``.
+"""S3 requests over ``http.client``: the blob bytes always, every request when the
+environment configures S3 completely (see s3light).
 
-botocore stays in charge of everything it is good at (the credential chain, the
-endpoint, addressing and region, every control request), but it spends 10-30 ms of CPU
-on each request it sends (events, endpoint rules, validation, parsing) and copies each
-body more than once. For a GiB of 8 MiB parts that is 128 such requests, and on a small
-machine sharing its CPUs with the server it measurably slowed every transfer (about
-0.4 CPU-s per 128 MiB sent through botocore against 0.16 sent here). So the requests
-that move blob bytes are built here: where botocore would send them (learnt once from a
-presigned URL it makes), signed by botocore's own SigV4 signer with an unsigned payload
-(every body carries its own verified checksum), sent from and read into the callers'
-buffers over kept-alive connections.
+botocore spends 10-30 ms of CPU on each request it sends (events, endpoint rules,
+validation, parsing) and copies each body more than once. For a GiB of 8 MiB parts that
+is 128 such requests, and on a small machine sharing its CPUs with the server it
+measurably slowed every transfer (about 0.4 CPU-s per 128 MiB sent through botocore
+against 0.16 sent here). So the requests that move blob bytes are built here: where
+botocore would send them (learnt once from a presigned URL it makes, when botocore is in
+use), signed by weightship's SigV4 signer with an unsigned payload (every body carries
+its own verified checksum), sent from and read into the callers' buffers over
+kept-alive connections.
 
 Failures are raised as botocore exceptions (``ClientError`` with the server's code, or
-a connection error), so the store maps them to messages in one place.
+a connection error), so the store maps them to messages in one place whichever client
+sent the request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import random
 import ssl
@@ -26,11 +28,11 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from botocore import exceptions as bexc
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
+
+from weightship.store.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, Credentials, Signer, canonical_query, quote_path
 
 _PROBE = "weightship-probe"
 # Answers worth another attempt: the server is overloaded or briefly failing.
@@ -39,34 +41,22 @@ _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout
 TIMEOUT = 60.0
 
 
-def _q(value: str) -> str:
-    # SigV4 signs the query exactly as sent: every byte but the unreserved ones encoded.
-    return quote(value, safe="-_.~")
-
-
 class Wire:
     """Signed S3 requests for one bucket over reused ``http.client`` connections.
     Safe to share between threads: each request takes a connection of its own."""
 
     def __init__(
-        self, client: Any, bucket: str, credentials: Any, *, attempts: int, ca_bundle: str | None = None
+        self, endpoint: str, base: str, signer: Signer, *, attempts: int, ca_bundle: str | None = None
     ) -> None:
-        probe = urlsplit(
-            client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": _PROBE}, ExpiresIn=60)
-        )
-        if not probe.path.endswith("/" + _PROBE):
-            raise ValueError(f"unexpected presigned URL layout {probe.path!r}")
-        scope = parse_qs(probe.query).get("X-Amz-Credential", [""])[0].split("/")
-        if len(scope) != 5:
-            raise ValueError("presigned URL without a SigV4 credential scope")
-        self.region, self.service = scope[2], scope[3]
-        self.scheme, self.netloc = probe.scheme, probe.netloc
-        self.host = probe.hostname or ""
-        self.port = probe.port
-        self.base = probe.path[: -len(_PROBE)]  # "/BUCKET/" (path style) or "/" (virtual host)
+        """``endpoint``: scheme and host, ``base``: the bucket's path on it (``/BUCKET/``
+        path-style, ``/`` when the bucket is in the host name)."""
+        parts = urlsplit(endpoint)
+        self.scheme, self.netloc = parts.scheme, parts.netloc
+        self.host = parts.hostname or ""
+        self.port = parts.port
+        self.base = base
         self.endpoint = f"{self.scheme}://{self.netloc}"
-        self._credentials = credentials
-        self._config = client.meta.config
+        self.signer = signer
         self._attempts = max(1, attempts)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -76,6 +66,31 @@ class Wire:
 
             # What botocore's own connections verify against: AWS_CA_BUNDLE, else certifi.
             self._ssl = ssl.create_default_context(cafile=ca_bundle or certifi.where())
+
+    @classmethod
+    def from_botocore(
+        cls, client: Any, bucket: str, credentials: Any, *, attempts: int, ca_bundle: str | None = None
+    ) -> Wire:
+        """Requests where a botocore client sends them (its endpoint, addressing style
+        and signing region, read off a URL it presigns), with its credentials."""
+        probe = urlsplit(
+            client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": _PROBE}, ExpiresIn=60)
+        )
+        if not probe.path.endswith("/" + _PROBE):
+            raise ValueError(f"unexpected presigned URL layout {probe.path!r}")
+        scope = parse_qs(probe.query).get("X-Amz-Credential", [""])[0].split("/")
+        if len(scope) != 5:
+            raise ValueError("presigned URL without a SigV4 credential scope")
+
+        def frozen() -> Credentials | None:
+            creds = credentials.get_frozen_credentials() if credentials is not None else None
+            if creds is None:
+                return None
+            return Credentials(creds.access_key, creds.secret_key, creds.token)
+
+        signer = Signer(frozen, region=scope[2], service=scope[3])
+        endpoint = f"{probe.scheme}://{probe.netloc}"
+        return cls(endpoint, probe.path[: -len(_PROBE)], signer, attempts=attempts, ca_bundle=ca_bundle)
 
     # -- connections --------------------------------------------------------------------
 
@@ -102,37 +117,42 @@ class Wire:
 
     # -- requests -------------------------------------------------------------------------
 
-    def _headers(self, method: str, url: str, headers: Mapping[str, str]) -> list[tuple[str, str]]:
-        creds = self._credentials.get_frozen_credentials() if self._credentials is not None else None
-        if creds is None or not creds.access_key:
-            raise bexc.NoCredentialsError()
-        req = AWSRequest(method=method, url=url, headers=dict(headers))
-        # S3SigV4Auth reads the client's s3 settings here: payload signing is off.
-        req.context["client_config"] = self._config
-        S3SigV4Auth(creds, self.service, self.region).add_auth(req)
-        return list(req.headers.items())
-
-    def _url(self, key: str, query: Mapping[str, str | int] | None) -> tuple[str, str]:
-        target = self.base + quote(key, safe="/~")
+    def _target(self, key: str, query: Mapping[str, str | int] | None) -> tuple[str, str]:
+        """The encoded path, and the request target (path and query) as sent."""
+        path = self.base + quote_path(key)
         if query:
-            target += "?" + "&".join(f"{_q(k)}={_q(str(v))}" for k, v in sorted(query.items()))
-        return self.endpoint + target, target
+            return path, path + "?" + canonical_query(query)
+        return path, path
+
+    def url(self, key: str) -> str:
+        return self.endpoint + self.base + quote_path(key)
+
+    def presign(self, key: str, expires: int) -> str:
+        return self.signer.presign("GET", self.scheme, self.netloc, self.base + quote_path(key), expires)
 
     def _send(
-        self, method: str, key: str, query: Mapping[str, str | int] | None, headers: Mapping[str, str], body: Any
+        self,
+        method: str,
+        key: str,
+        query: Mapping[str, str | int] | None,
+        headers: Mapping[str, str],
+        body: Any,
+        payload: str,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """One attempt: a connection with the response to one signed request on it."""
-        url, target = self._url(key, query)
-        signed = self._headers(method, url, headers)
+        path, target = self._target(key, query)
+        signed = self.signer.sign_headers(method, self.netloc, path, query, headers, payload)
         conn = self._connect()
         reused = conn.sock is not None
         try:
-            conn.putrequest(method, target, skip_host=False, skip_accept_encoding=True)
-            for k, v in signed:
-                if k.lower() != "host":
-                    conn.putheader(k, v)
+            # The Host header sent is the one signed, whatever http.client would make of it.
+            conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+            for k, v in signed.items():
+                conn.putheader(k, v)
             if body is not None:
                 conn.putheader("Content-Length", str(len(body)))
+            elif method in ("POST", "PUT"):
+                conn.putheader("Content-Length", "0")
             conn.endheaders()
             if body is not None:
                 try:
@@ -147,7 +167,7 @@ class Wire:
             conn.close()
             if reused and isinstance(e, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
                 # A kept-alive connection the server had closed meanwhile: not a failure.
-                return self._send(method, key, query, headers, body)
+                return self._send(method, key, query, headers, body, payload)
             raise _connection_error(e, self.endpoint) from None
 
     def request(
@@ -160,15 +180,21 @@ class Wire:
         body: Any = None,
         operation: str = "Request",
         ok: tuple[int, ...] = (200,),
+        sign_body: bool = False,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send until the answer is one of ``ok`` (returned unread, for the caller to read
         and hand back with :meth:`done`); retry 5xx, throttling and broken connections
-        with backoff, raise anything else as the ClientError botocore would raise."""
+        with backoff, raise anything else as the ClientError botocore would raise.
+        ``sign_body``: the signature covers the body's sha256 (for small request
+        documents; blob bytes carry checksums of their own)."""
+        payload = UNSIGNED_PAYLOAD
+        if sign_body:
+            payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         attempt = 0
         while True:
             attempt += 1
             try:
-                conn, resp = self._send(method, key, query, headers or {}, body)
+                conn, resp = self._send(method, key, query, headers or {}, body, payload)
             except bexc.BotoCoreError:
                 if attempt >= self._attempts:
                     raise
@@ -210,9 +236,13 @@ def _client_error(resp: http.client.HTTPResponse, method: str, operation: str) -
             root = ET.fromstring(raw)
             code = root.findtext("Code") or code
             message = root.findtext("Message") or message
+    return client_error(code, message, resp.status, operation)
+
+
+def client_error(code: str, message: str, status: int, operation: str) -> bexc.ClientError:
+    """The error botocore raises for an S3 error answer."""
     return bexc.ClientError(
-        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": resp.status}},
-        operation,
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation
     )
 
 
