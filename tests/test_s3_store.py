@@ -93,9 +93,12 @@ def interrupt_when(proc: subprocess.Popen, s3_server, bucket: str, key: str, npa
 # -- objects -----------------------------------------------------------------------------
 
 
-def test_objects_round_trip_and_paginated_list(s3_store_url):
+@pytest.mark.parametrize("light", [True, False], ids=["light", "botocore"])
+def test_objects_round_trip_and_paginated_list(s3_store_url, s3_server, monkeypatch, light):
+    monkeypatch.setattr(S3Store, "light", light)
     store = open_store(s3_store_url)
     assert isinstance(store, S3Store)
+    assert ("botocore" in type(store._client).__module__) != light
     assert store.url == s3_store_url
     assert not store.exists("releases/m/1/manifest.json")
     with pytest.raises(NotFoundError, match="not found"):
@@ -117,7 +120,7 @@ def test_objects_round_trip_and_paginated_list(s3_store_url):
     assert not store.exists("tags/m/prod")
     # The prefix really is a prefix: the objects live under it in the bucket.
     bucket, prefix = split(s3_store_url)
-    listed = [o["Key"] for o in store._client.list_objects_v2(Bucket=bucket)["Contents"]]
+    listed = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert all(k.startswith(prefix + "/") for k in listed)
     store.close()
 
@@ -155,13 +158,17 @@ def test_exclusive_write_never_overwrites(s3_store_url):
 # -- blobs -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wire", [True, False], ids=["s3wire", "botocore"])
-def test_blobs_round_trip_single_and_multipart(s3_store_url, tmp_path, monkeypatch, s3_server, wire):
-    # Blob bytes travel over s3wire unless a proxy is configured; then through botocore.
-    monkeypatch.setattr(S3Store, "use_wire", wire)
+@pytest.mark.parametrize("mode", ["light", "s3wire", "botocore"])
+def test_blobs_round_trip_single_and_multipart(s3_store_url, tmp_path, monkeypatch, s3_server, mode):
+    # Every request over s3wire when the environment configures S3 (light); blob bytes
+    # over s3wire and the rest through botocore when botocore resolves the settings;
+    # everything through botocore when a proxy is configured.
+    monkeypatch.setattr(S3Store, "light", mode == "light")
+    monkeypatch.setattr(S3Store, "use_wire", mode != "botocore")
     store, proxy = proxied_store(s3_server, s3_store_url, monkeypatch, part_size=PART, concurrency=4)
     store._ready()
-    assert (store._wire is not None) == wire
+    assert (store._wire is not None) == (mode != "botocore")
+    assert ("botocore" in type(store._client).__module__) == (mode != "light")
     cases = {
         "empty": make_file(tmp_path / "empty", 0),
         "small": make_file(tmp_path / "small", 1000, seed=1),
@@ -188,7 +195,7 @@ def test_blobs_round_trip_single_and_multipart(s3_store_url, tmp_path, monkeypat
     # Every part of the multipart blob carried a CRC32 the server checked and kept:
     # the object's checksum is the composite of the five part checksums.
     bucket, prefix = split(s3_store_url)
-    head = store._client.head_object(
+    head = s3_server.client().head_object(
         Bucket=bucket, Key=f"{prefix}/{blob_key(cases['multipart'][0])}", ChecksumMode="ENABLED"
     )
     assert head.get("ChecksumCRC32", "").endswith("-5"), head

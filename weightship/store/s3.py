@@ -47,8 +47,6 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import botocore.exceptions as bexc
-import botocore.session
-from botocore.config import Config
 
 from weightship.errors import (
     ConfigError,
@@ -63,6 +61,7 @@ from weightship.hashing import part_crc32s
 from weightship.manifest import check_relpath
 from weightship.pagecache import write_all
 from weightship.sources import uses_proxy
+from weightship.store import s3light
 from weightship.store.base import Progress, Store, blob_key
 from weightship.store.s3wire import Wire, backoff
 
@@ -120,12 +119,16 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = tuple(
     )
     if e is not None
 )
-try:  # urllib3 raises its own errors from inside StreamingBody.read
-    from urllib3.exceptions import HTTPError as _Urllib3Error
 
-    _STREAM_ERRORS = (*_STREAM_ERRORS, _Urllib3Error)
-except ImportError:  # pragma: no cover
-    pass
+
+def _catch_urllib3_errors() -> None:
+    """botocore's bodies raise urllib3's own errors from ``read``: count them among the
+    stream errors once botocore is in use (urllib3 is not imported otherwise)."""
+    global _STREAM_ERRORS
+    from urllib3.exceptions import HTTPError
+
+    if HTTPError not in _STREAM_ERRORS:
+        _STREAM_ERRORS = (*_STREAM_ERRORS, HTTPError)
 
 
 def parse_size(text: str, what: str) -> int:
@@ -155,6 +158,9 @@ class S3Store(Store):
 
     list_page_size: int | None = None  # keys per listing request; None: the server's (1000)
     use_wire = True  # blob bytes over s3wire; False sends them through botocore too
+    # Every request over s3wire, botocore never loaded, when the environment alone
+    # configures S3 (see s3light); False: botocore resolves the configuration always.
+    light = True
 
     def __init__(
         self,
@@ -223,6 +229,16 @@ class S3Store(Store):
         return cls(bucket, prefix, concurrency=concurrency, part_size=part_size)
 
     def _make_client(self, endpoint_url: str | None, profile: str | None) -> Any:
+        env = s3light.settings(profile) if self.light and self.use_wire and not endpoint_url else None
+        if env is not None:
+            self._session = None
+            self._ca_bundle = env.ca_bundle
+            self._attempts = env.max_attempts or MAX_ATTEMPTS
+            return s3light.Client(env, self.bucket, self._attempts)
+        import botocore.session
+        from botocore.config import Config
+
+        _catch_urllib3_errors()
         try:
             # botocore directly: boto3's resource layer is not used and costs start-up.
             bs = botocore.session.Session(profile=profile)
@@ -278,11 +294,15 @@ class S3Store(Store):
     def _open_wire(self) -> Wire | None:
         """The fast path for blob bytes (s3wire), unless requests must go through a
         proxy, which only botocore's connections know how to use."""
+        if isinstance(self._client, s3light.Client):
+            return self._client.wire
         if not self.use_wire or uses_proxy(self.endpoint):
             return None
         try:
             creds = self._session.get_credentials()
-            return Wire(self._client, self.bucket, creds, attempts=self._attempts, ca_bundle=self._ca_bundle)
+            return Wire.from_botocore(
+                self._client, self.bucket, creds, attempts=self._attempts, ca_bundle=self._ca_bundle
+            )
         except (ValueError, bexc.BotoCoreError):
             return None
 
