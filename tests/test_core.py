@@ -367,3 +367,21 @@ def test_cli_basics():
     assert helped.returncode == 0 and "publish" in helped.stdout
     usage = run_cli("publish")
     assert usage.returncode == 2
+
+
+@pytest.mark.parametrize(("args", "code"), [(["--version"], 0), (["publish"], 2), (["pull", "nope:1", "d"], 1)])
+def test_cli_exit_runs_exit_handlers_and_flushes(tmp_path: Path, args: list[str], code: int):
+    """The CLI leaves without interpreter teardown: exit handlers must still run, every
+    byte of output must still arrive, and the exit code must survive."""
+    script = (
+        "import atexit, sys; import weightship.cli as cli\n"
+        "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
+        "print('x' * 200000, end='')\n"
+        "sys.argv[0] = 'weightship'; cli.main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
+    env["WEIGHTSHIP_STORE"] = f"file://{tmp_path / 'store'}"
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == code, run.stderr
+    assert run.stdout.startswith("x" * 200000)
+    assert run.stderr.rstrip().endswith("handler ran")

@@ -617,6 +617,39 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def main() -> None:
+    """The ``weightship`` command."""
+    try:
+        _run()
+    except SystemExit as e:
+        _leave(e)
+    _leave(SystemExit(0))
+
+
+def _leave(done: SystemExit) -> NoReturn:
+    """Exit without tearing the interpreter down once nothing is left running.
+
+    Finalizing a process that loaded botocore, cryptography and their kin frees hundreds
+    of thousands of objects one by one: measured, 0.1-0.18 s after a pull or publish had
+    finished, on every command. Once the exit handlers have run, the output is flushed
+    and no other thread is alive, nothing of that teardown is needed; otherwise (another
+    thread still working, an interpreter without the hook) the normal exit it is."""
+    import atexit
+    import threading
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None or threading.active_count() > 1 or not isinstance(done.code, int | None):
+        raise done
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            if stream is sys.stdout:
+                raise done from None  # a closed pipe: let the normal exit report it
+    os._exit(done.code or 0)
+
+
+def _run() -> None:
     try:
         app()
     except WeightshipError as e:
