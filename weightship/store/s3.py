@@ -25,8 +25,9 @@ Transfers, and why they look the way they do:
 * Part buffers come from one fixed set per store, reused, so memory stays bounded
   however many blobs and bytes are in flight.
 
-botocore (boto3's core) is imported here and this module only when an s3:// store is
-opened, so ``weightship --help`` stays fast.
+This module is imported only when an s3:// store is opened, and botocore (boto3's core)
+only when the environment does not configure S3 completely (see s3light), so neither
+``weightship --help`` nor a CI job configured by AWS_* variables pays for it.
 """
 
 from __future__ import annotations
