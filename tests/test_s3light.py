@@ -3,12 +3,15 @@ botocore's resolution wherever the light path is taken (against SeaweedFS)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
+import httpx
 import pytest
 
 from weightship.store import s3light
@@ -131,3 +134,55 @@ def test_an_environment_configured_store_never_loads_botocores_client(s3_store_u
     )
     assert run.returncode == 0, run.stderr
     assert "botocore.client" in set(json.loads(run.stdout))
+
+
+def test_light_listings_page_like_botocore(s3_store_url, s3_server):
+    """The listings the store pages through (objects, unfinished uploads and their
+    parts), a page at a time, give what boto3 lists against the same server."""
+    bucket = s3_store_url[len("s3://") :].split("/")[0]
+    settings = s3light.settings()
+    assert settings is not None
+    light = s3light.Client(settings, bucket, 1)
+    boto = s3_server.client()
+    keys = [f"weights/k{i}" for i in range(5)]
+    for k in keys:
+        boto.put_object(Bucket=bucket, Key=k, Body=k.encode())
+    uploads = {}
+    for k in ("weights/u0", "weights/u1", "weights/u2"):
+        uploads[k] = light.create_multipart_upload(Bucket=bucket, Key=k, ChecksumAlgorithm="CRC32")["UploadId"]
+    part = b"p" * (5 * 1024 * 1024)
+    crc = base64.b64encode(zlib.crc32(part).to_bytes(4, "big")).decode()
+    for n in (1, 2, 3):
+        light.wire.put(
+            "weights/u0", part, {"x-amz-checksum-crc32": crc}, {"partNumber": n, "uploadId": uploads["weights/u0"]}
+        )
+    try:
+
+        def pages(operation: str, **kw) -> list[dict]:
+            return list(light.get_paginator(operation).paginate(PaginationConfig={"PageSize": 1}, **kw))
+
+        listed = pages("list_objects_v2", Bucket=bucket, Prefix="weights/k")
+        assert len(listed) == 5
+        assert [c["Key"] for p in listed for c in p["Contents"]] == keys
+        assert sorted(
+            u["UploadId"]
+            for p in pages("list_multipart_uploads", Bucket=bucket, Prefix="weights/u")
+            for u in p["Uploads"]
+        ) == sorted(uploads.values())
+        parts = [
+            p
+            for page in pages("list_parts", Bucket=bucket, Key="weights/u0", UploadId=uploads["weights/u0"])
+            for p in page["Parts"]
+        ]
+        theirs = boto.list_parts(Bucket=bucket, Key="weights/u0", UploadId=uploads["weights/u0"])["Parts"]
+        assert [(p["PartNumber"], p["ETag"], p["Size"]) for p in parts] == [
+            (p["PartNumber"], p["ETag"], p["Size"]) for p in theirs
+        ]
+        # Where the server lists part checksums, the same ones (SeaweedFS lists none).
+        assert [p.get("ChecksumCRC32") for p in parts] == [p.get("ChecksumCRC32") for p in theirs]
+        url = light.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": keys[0]}, ExpiresIn=60)
+        assert httpx.get(url).content == keys[0].encode()
+    finally:
+        for k, up in uploads.items():
+            light.abort_multipart_upload(Bucket=bucket, Key=k, UploadId=up)
+    assert boto.list_multipart_uploads(Bucket=bucket, Prefix="weights/u").get("Uploads", []) == []

@@ -188,10 +188,18 @@ class Client:
         return page
 
     def list_multipart_uploads(
-        self, *, Bucket: str, Prefix: str = "", KeyMarker: str | None = None, UploadIdMarker: str | None = None
+        self,
+        *,
+        Bucket: str,
+        Prefix: str = "",
+        KeyMarker: str | None = None,
+        UploadIdMarker: str | None = None,
+        MaxUploads: int | None = None,
     ) -> dict[str, Any]:
         self._check(Bucket)
         query: dict[str, Any] = {"uploads": "", "prefix": Prefix}
+        if MaxUploads:
+            query["max-uploads"] = MaxUploads
         if KeyMarker:
             query["key-marker"] = KeyMarker
         if UploadIdMarker:
@@ -213,10 +221,18 @@ class Client:
         return page
 
     def list_parts(
-        self, *, Bucket: str, Key: str, UploadId: str, PartNumberMarker: int | None = None
+        self,
+        *,
+        Bucket: str,
+        Key: str,
+        UploadId: str,
+        PartNumberMarker: int | None = None,
+        MaxParts: int | None = None,
     ) -> dict[str, Any]:
         self._check(Bucket)
         query: dict[str, Any] = {"uploadId": UploadId}
+        if MaxParts:
+            query["max-parts"] = MaxParts
         if PartNumberMarker:
             query["part-number-marker"] = PartNumberMarker
         root = self._doc("ListParts", "GET", Key, query)
@@ -285,6 +301,8 @@ class Client:
         self.wire.close()
 
 
+# operation -> the argument that sets its page size
+_PAGE_SIZE = {"list_objects_v2": "MaxKeys", "list_multipart_uploads": "MaxUploads", "list_parts": "MaxParts"}
 # operation -> (the answer's "more" marker names -> the next request's argument names)
 _MARKERS: dict[str, dict[str, str]] = {
     "list_objects_v2": {"NextContinuationToken": "ContinuationToken"},
@@ -301,11 +319,12 @@ class _Paginator:
             raise ValueError(f"no paginator for {operation}")
         self._call = getattr(client, operation)
         self._markers = _MARKERS[operation]
+        self._page_size = _PAGE_SIZE[operation]
 
     def paginate(self, *, PaginationConfig: dict[str, Any] | None = None, **kw: Any) -> Iterator[dict[str, Any]]:
         size = (PaginationConfig or {}).get("PageSize")
         if size:
-            kw["MaxKeys"] = size
+            kw[self._page_size] = size
         while True:
             page = self._call(**kw)
             yield page
