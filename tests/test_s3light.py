@@ -38,6 +38,18 @@ def light_view(bucket: str) -> tuple[str, str, tuple[str, str, str | None]]:
     return wire.endpoint, wire.signer.region, (c.access_key, c.secret_key, c.token)
 
 
+def configure(monkeypatch, tmp_path, env: dict[str, str | None], config: str | None) -> None:
+    """Set (or, for None, remove) AWS_* variables, and point AWS_CONFIG_FILE at ``config``."""
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    if config is not None:
+        (tmp_path / "config").write_text(config)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+
+
 @pytest.mark.parametrize(
     ("env", "config"),
     [
@@ -50,14 +62,7 @@ def light_view(bucket: str) -> tuple[str, str, tuple[str, str, str | None]]:
     ],
 )
 def test_light_settings_agree_with_botocore(s3_store_url, monkeypatch, tmp_path, env, config):
-    for name, value in env.items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    if config is not None:
-        (tmp_path / "config").write_text(config)
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    configure(monkeypatch, tmp_path, env, config)
     bucket = s3_store_url[len("s3://") :].split("/")[0]
     assert light_view(bucket) == botocore_view(bucket)
 
@@ -79,14 +84,7 @@ def test_light_settings_agree_with_botocore(s3_store_url, monkeypatch, tmp_path,
 )
 def test_botocore_resolves_what_the_environment_does_not_say(s3_store_url, monkeypatch, tmp_path, env, config):
     assert s3light.settings() is not None
-    for name, value in env.items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    if config is not None:
-        (tmp_path / "config").write_text(config)
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    configure(monkeypatch, tmp_path, env, config)
     assert s3light.settings() is None
 
 
