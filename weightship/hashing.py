@@ -80,12 +80,6 @@ def digest_file(
     return FileDigest(h.hexdigest(), size, tuple(crcs) if crc32 else None)
 
 
-def sha256_file(path: Path, progress: Progress | None = None, cancel: threading.Event | None = None) -> tuple[str, int]:
-    """Return (hex digest, size) of a file, reading it once."""
-    d = digest_file(path, progress, cancel)
-    return d.sha256, d.size
-
-
 def digest_files(
     paths: Iterable[Path],
     progress: Progress | None = None,

@@ -31,8 +31,6 @@ from typing import Any
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
-from botocore import exceptions as bexc
-
 from weightship.store.s3wire import Wire, client_error
 from weightship.store.sigv4 import Credentials, Signer
 
@@ -117,7 +115,7 @@ class Client:
         self.wire = Wire(
             s.endpoint, f"/{bucket}/", Signer(lambda: s.credentials, s.region), attempts=attempts, ca_bundle=s.ca_bundle
         )
-        self.meta = SimpleNamespace(endpoint_url=s.endpoint, region_name=s.region)
+        self.meta = SimpleNamespace(endpoint_url=s.endpoint)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -138,9 +136,7 @@ class Client:
         try:
             root = ET.fromstring(data)
         except ET.ParseError:
-            raise bexc.ClientError(
-                {"Error": {"Code": "MalformedResponse", "Message": "not an XML document"}}, operation
-            ) from None
+            raise client_error("MalformedResponse", "not an XML document", 200, operation) from None
         _strip_namespaces(root)
         if root.tag == "Error":
             raise client_error(root.findtext("Code") or "InternalError", root.findtext("Message") or "", 200, operation)

@@ -124,9 +124,6 @@ class Wire:
             return path, path + "?" + canonical_query(query)
         return path, path
 
-    def url(self, key: str) -> str:
-        return self.endpoint + self.base + quote_path(key)
-
     def presign(self, key: str, expires: int) -> str:
         return self.signer.presign("GET", self.scheme, self.netloc, self.base + quote_path(key), expires)
 

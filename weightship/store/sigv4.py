@@ -83,9 +83,11 @@ class Signer:
                 self._keys[(creds.secret_key, day)] = key
         return key
 
+    def _scope(self, stamp: str) -> str:
+        return f"{stamp[:8]}/{self.region}/{self.service}/aws4_request"
+
     def _signature(self, creds: Credentials, stamp: str, canonical: str) -> str:
-        scope = f"{stamp[:8]}/{self.region}/{self.service}/aws4_request"
-        to_sign = f"{ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        to_sign = f"{ALGORITHM}\n{stamp}\n{self._scope(stamp)}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         return hmac.new(self._key(creds, stamp[:8]), to_sign.encode(), hashlib.sha256).hexdigest()
 
     def sign_headers(
@@ -117,9 +119,9 @@ class Signer:
             [method, path, canonical_query(query), "".join(f"{k}:{v}\n" for k, v in signed), names, payload]
         )
         signature = self._signature(creds, stamp, canonical)
-        scope = f"{stamp[:8]}/{self.region}/{self.service}/aws4_request"
         out["Authorization"] = (
-            f"{ALGORITHM} Credential={creds.access_key}/{scope}, SignedHeaders={names}, Signature={signature}"
+            f"{ALGORITHM} Credential={creds.access_key}/{self._scope(stamp)}, "
+            f"SignedHeaders={names}, Signature={signature}"
         )
         return out
 
@@ -129,7 +131,7 @@ class Signer:
         stamp = _stamp(now)
         query: dict[str, str | int] = {
             "X-Amz-Algorithm": ALGORITHM,
-            "X-Amz-Credential": f"{creds.access_key}/{stamp[:8]}/{self.region}/{self.service}/aws4_request",
+            "X-Amz-Credential": f"{creds.access_key}/{self._scope(stamp)}",
             "X-Amz-Date": stamp,
             "X-Amz-Expires": int(expires),
             "X-Amz-SignedHeaders": "host",
