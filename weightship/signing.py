@@ -98,10 +98,35 @@ def load_public_key(path: Path):
     return key
 
 
-def generate_key(path: Path, curve: str = "P-256") -> Path:
-    """Write a new EC private key (PEM, 0600) and its public key beside it (.pub)."""
+def public_key_path(path: Path) -> Path:
+    """Where ``keygen`` puts the public key of the private key at ``path``: release.pem -> release.pub."""
+    return Path(path).with_suffix(".pub")
+
+
+def generate_key(path: Path, curve: str = "P-256", *, force: bool = False) -> Path:
+    """Write a new EC private key (PEM, 0600) at ``path`` and its public key beside it
+    (:func:`public_key_path`); return the public key's path.
+
+    Neither file is ever overwritten unless ``force``, and neither is ever half-written:
+    each is written to a temporary file in the same directory, synced, then linked into
+    place (which fails if the name exists) or, with ``force``, renamed over it.
+    """
     from cryptography.hazmat.primitives import serialization
 
+    path = Path(path)
+    if path.suffix.lower() == ".pub":
+        # The private key would go to x.pub, then the public key over it: the key is lost.
+        raise UsageError(
+            f"{path} ends in .pub, but keygen takes the private key's path",
+            "name the private key file, e.g. release.pem (release.pub is written beside it)",
+        )
+    pub = public_key_path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"directory {path.parent} does not exist", "create it first")
+    if not force:
+        for existing in (path, pub):
+            if existing.exists() or existing.is_symlink():
+                raise _exists(existing)
     ec = _ec()
     curves = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
     key = ec.generate_private_key(curves[curve]())
@@ -110,12 +135,59 @@ def generate_key(path: Path, curve: str = "P-256") -> Path:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path = Path(path)
-    path.write_bytes(pem)
-    path.chmod(0o600)
-    pub = path.with_suffix(".pub")
-    pub.write_bytes(public_pem(key.public_key()))
+    _install(path, pem, 0o600, force)
+    try:
+        _install(pub, public_pem(key.public_key()), 0o644, force)
+    except BaseException:
+        if not force:
+            # The public key appeared meanwhile (another keygen): a new private key without
+            # its public key is of no use, and nobody has seen it yet.
+            path.unlink(missing_ok=True)
+        raise
     return pub
+
+
+def _exists(path: Path) -> UsageError:
+    return UsageError(f"{path} exists", "choose another path, or pass --force to replace the key pair")
+
+
+def _install(path: Path, data: bytes, mode: int, replace: bool) -> None:
+    """Put ``data`` at ``path`` whole or not at all; without ``replace``, never over an existing file."""
+    import errno
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # O_EXCL: the temporary name is ours alone. The mode is set at creation (the umask can
+    # only narrow it), so a private key is never readable by others, not even for a moment.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and fails with EEXIST rather than overwrite
+            except FileExistsError:
+                raise _exists(path) from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                # A filesystem without hard links (FAT, some network mounts): check, then
+                # rename; only a keygen racing this one in the same directory could slip in.
+                if path.exists() or path.is_symlink():
+                    raise _exists(path) from None
+                os.rename(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the new name survives a crash too
+    finally:
+        os.close(dir_fd)
 
 
 class KeySigner:
