@@ -74,6 +74,9 @@ def summarise(path: Path, display: str) -> TensorSummary:
         header = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(display, f"header is not valid JSON: {e}") from None
+    except RecursionError:
+        # A valid header nests three levels deep; the reference loader refuses past 128.
+        raise _bad(display, "header JSON is nested too deeply") from None
     dtypes: dict[str, int] = {}
     parameters = 0
     spans: list[tuple[int, int, str]] = []

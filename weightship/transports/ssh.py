@@ -3,8 +3,9 @@
 asyncssh reads ``~/.ssh/config`` (Host aliases, User, Port, IdentityFile,
 UserKnownHostsFile), ``known_hosts``, the ssh-agent and the default identity files, as
 OpenSSH does. A host key that is not in known_hosts is refused unless
-``--accept-new-host-keys``, which records it (OpenSSH's ``accept-new``); a key that
-*changed* is refused always.
+``--accept-new-host-keys`` or ``StrictHostKeyChecking accept-new`` (or ``no``) in the
+config, which record it, creating the known_hosts file if need be; a key that *changed*
+is refused always.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from weightship.fleet import Node
 from weightship.node import WarmRequest
@@ -27,47 +29,122 @@ from weightship.transports.base import (
 )
 
 
-def _client_factory(accept_new: bool, state: dict[str, Any], files: list[Path]):
+def _client_factory(accept_new: bool, state: dict[str, Any], known: Any, record_in: Path | None):
     import asyncssh
 
     class Client(asyncssh.SSHClient):
         # Called only for a key that known_hosts does not trust.
         def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-            trusted = asyncssh.match_known_hosts([str(f) for f in files if f.exists()], host, addr, port)[0]
-            if trusted:
+            if asyncssh.match_known_hosts(known, host, addr, port)[0]:
                 state["changed"] = True
                 return False
             if not accept_new:
                 return False
+            if record_in is None:  # UserKnownHostsFile none: trusted for this connection only
+                return True
             pattern = host if port in (22, None) else f"[{host}]:{port}"
-            line = f"{pattern} {key.export_public_key().decode().strip()}\n"
-            target = files[0]
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(target, "a") as fh:
-                fh.write(line)
-            state["added"] = str(target)
+            try:
+                _record_host_key(record_in, f"{pattern} {key.export_public_key().decode().strip()}")
+            except OSError as e:
+                state["record_error"] = e
+                return False
+            state["added"] = str(record_in)
             return True
 
     return Client
 
 
-def _known_hosts_files(node: Node) -> list[Path]:
-    """The known_hosts files OpenSSH would use for this node: UserKnownHostsFile from
-    ~/.ssh/config, else ~/.ssh/known_hosts. The first one is where a new key is recorded."""
-    config = Path("~/.ssh/config").expanduser()
-    if config.is_file():
-        try:
-            from asyncssh.config import SSHClientConfig
+def _record_host_key(path: Path, line: str) -> None:
+    """Append a known_hosts line, creating the file (0600) and its missing directories
+    (0700) as OpenSSH does for ~/.ssh: a first connection must not fail on a new home."""
+    missing = []
+    d = path.parent
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        os.mkdir(d, 0o700)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        # A last line without its newline would swallow the new entry.
+        lead = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
+        os.write(fd, f"{lead}{line}\n".encode())
+    finally:
+        os.close(fd)
 
-            cfg = SSHClientConfig.load(
-                None, [config], False, False, False, getpass.getuser(), node.user or (), node.host, node.port or ()
-            )
-            files = cfg.get("UserKnownHostsFile")
-        except Exception:  # an unreadable config is asyncssh's to report when connecting
-            files = None
-        if files:
-            return [Path(f).expanduser() for f in files]
-    return [Path("~/.ssh/known_hosts").expanduser()]
+
+def _client_config(node: Node, where: str) -> Any | None:
+    """~/.ssh/config as it applies to this node, or None when there is none (or it cannot
+    be read: OpenSSH and asyncssh skip it then too). Read here, besides by asyncssh, for
+    what asyncssh does not act on: StrictHostKeyChecking, and files that may be missing."""
+    path = Path("~/.ssh/config").expanduser()
+    if not os.access(path, os.R_OK):
+        return None
+    import asyncssh
+    from asyncssh.config import SSHClientConfig, SSHConfig
+
+    class Config(SSHClientConfig):
+        _handlers: ClassVar[dict[str, tuple[str, Any]]] = {
+            **SSHClientConfig._handlers,
+            "stricthostkeychecking": ("StrictHostKeyChecking", SSHConfig._set_string),
+        }
+        # OpenSSH expands %d, %u, %h… in these too.
+        _percent_expand: ClassVar[set[str]] = {
+            *SSHClientConfig._percent_expand,
+            "UserKnownHostsFile",
+            "GlobalKnownHostsFile",
+        }
+
+    try:
+        return Config.load(
+            None, [path], False, False, False, getpass.getuser(), node.user or (), node.host, node.port or ()
+        )
+    except asyncssh.ConfigParseError as e:
+        raise NodeUnreachable(f"ssh {where}: {e}", "fix that line of the ssh config", retryable=False) from None
+    except OSError as e:
+        raise NodeUnreachable(
+            f"ssh {where}: cannot read {e.filename or path} ({e.strerror})",
+            "it is part of ~/.ssh/config (Include): fix or remove it",
+            retryable=False,
+        ) from None
+
+
+def _known_hosts_files(cfg: Any | None) -> tuple[list[Path], list[Path]]:
+    """The known_hosts files OpenSSH would use: the user's (UserKnownHostsFile, default
+    ~/.ssh/known_hosts and known_hosts2; the first is where a new key is recorded) and
+    the system's (GlobalKnownHostsFile, default /etc/ssh/ssh_known_hosts and ..2)."""
+    user = cfg.get("UserKnownHostsFile") if cfg is not None else None
+    system = cfg.get("GlobalKnownHostsFile") if cfg is not None else None
+    if user is None:
+        user = ["~/.ssh/known_hosts", "~/.ssh/known_hosts2"]
+    if system is None:
+        system = ["/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2"]
+    return [Path(f).expanduser() for f in user], [Path(f).expanduser() for f in system]
+
+
+def _load_known_hosts(files: list[Path], where: str) -> Any:
+    """Every key those files trust. A file that does not exist trusts nothing (OpenSSH's
+    view; asyncssh would fail the connection with a bare "No such file or directory")."""
+    import asyncssh
+
+    known = asyncssh.SSHKnownHosts()
+    for f in files:
+        try:
+            text = f.read_text(errors="replace")
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise NodeUnreachable(
+                f"ssh {where}: cannot read known_hosts file {f} ({e.strerror})", retryable=False
+            ) from None
+        try:
+            known.load(text)
+        except ValueError as e:
+            raise NodeUnreachable(
+                f"ssh {where}: {f}: {e}", "fix or remove that line of the known_hosts file", retryable=False
+            ) from None
+    return known
 
 
 class SshTransport(Transport):
@@ -87,13 +164,29 @@ class SshTransport(Transport):
 
         if self._conn is not None:
             return self._conn
+        cfg = _client_config(self.node, self.where)
+        user_files, system_files = _known_hosts_files(cfg)
+        known = _load_known_hosts(user_files + system_files, self.where)
+        strict = str(cfg.get("StrictHostKeyChecking") or "") if cfg is not None else ""
+        # OpenSSH's accept-new, and no/off, record an unknown key; a key that changed is
+        # refused whatever the setting (OpenSSH's "no" would connect anyway).
+        accept_new = self.accept_new or strict.lower() in ("accept-new", "no", "off", "false")
         state: dict[str, Any] = {}
-        factory = _client_factory(self.accept_new, state, _known_hosts_files(self.node))
-        kwargs: dict[str, Any] = {"client_factory": factory}
+        factory = _client_factory(accept_new, state, known, user_files[0] if user_files else None)
+        # known_hosts is handed over loaded: asyncssh would fail on a listed file that does
+        # not exist yet, and would turn off host key checking for `UserKnownHostsFile none`.
+        kwargs: dict[str, Any] = {"client_factory": factory, "known_hosts": known}
         if self.node.port:
             kwargs["port"] = self.node.port
         if self.node.user:
             kwargs["username"] = self.node.user
+        # OpenSSH skips an IdentityFile that does not exist; asyncssh fails on it with a
+        # bare "No such file or directory". Skip it too, and name it if the login fails.
+        identities = [str(f) for f in (cfg.get("IdentityFile") or [])] if cfg is not None else []
+        absent = [f for f in identities if not Path(f).expanduser().exists()]
+        if absent:
+            kwargs["client_keys"] = [f for f in identities if f not in absent]
+            kwargs["ignore_encrypted"] = True  # asyncssh's default for keys it finds itself
         try:
             self._conn = await asyncio.wait_for(
                 asyncssh.connect(self.node.host, connect_timeout=CONNECT_TIMEOUT, **kwargs), CONNECT_TIMEOUT + 5
@@ -105,20 +198,39 @@ class SshTransport(Transport):
                     "if the node was reinstalled, remove the old key (ssh-keygen -R HOST); otherwise investigate",
                     retryable=False,
                 ) from None
+            if err := state.get("record_error"):
+                raise NodeUnreachable(
+                    f"ssh {self.where}: cannot record its new host key in {err.filename or user_files[0]} "
+                    f"({err.strerror})",
+                    "fix that file's permissions or UserKnownHostsFile in ~/.ssh/config",
+                    retryable=False,
+                ) from None
             raise NodeUnreachable(
-                f"ssh {self.where}: unknown host key (not in known_hosts)",
-                "add it with ssh-keyscan, or pass --accept-new-host-keys to record it on first use",
+                f"ssh {self.where}: unknown host key (not in {', '.join(map(str, user_files)) or 'known_hosts'})",
+                "add it with ssh-keyscan, or pass --accept-new-host-keys (or set StrictHostKeyChecking accept-new) "
+                "to record it on first use",
                 retryable=False,
             ) from None
         except asyncssh.PermissionDenied:
+            missing = f" (IdentityFile {', '.join(absent)} does not exist)" if absent else ""
             raise NodeUnreachable(
-                f"ssh {self.where}: permission denied",
+                f"ssh {self.where}: permission denied{missing}",
                 "check the user, the ssh-agent or IdentityFile in ~/.ssh/config",
                 retryable=False,
             ) from None
-        except (OSError, asyncssh.Error, asyncio.TimeoutError) as e:
-            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e) or type(e).__name__
+        except OSError as e:
+            if e.filename:  # a file the config names (a key, a certificate): no retry brings it back
+                raise NodeUnreachable(
+                    f"ssh {self.where}: {e.filename}: {e.strerror}",
+                    "fix or remove the line of ~/.ssh/config that names it",
+                    retryable=False,
+                ) from None
+            raise NodeUnreachable(f"ssh {self.where}: {e.strerror or str(e) or type(e).__name__}") from None
+        except (asyncssh.Error, asyncio.TimeoutError) as e:
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
             raise NodeUnreachable(f"ssh {self.where}: {reason}") from None
+        except ValueError as e:  # asyncssh's verdict on a malformed key or config value
+            raise NodeUnreachable(f"ssh {self.where}: {e}", retryable=False) from None
         return self._conn
 
     def _command(self, args: list[str]) -> str:
@@ -187,7 +299,7 @@ class SshTransport(Transport):
         return await self._run(args, req.to_json(), on_event)
 
     async def status(
-        self, ref: str | None = None, version: str | None = None, digest: str | None = None
+        self, ref: str | None = None, version: str | None = None, digest: str | None = None, *, verify: bool = False
     ) -> dict[str, Any]:
         args = ["status", "--cache", str(self.node.cache)]
         if ref:
@@ -196,6 +308,8 @@ class SshTransport(Transport):
             args += ["--version", version]
         if digest:
             args += ["--digest", digest]
+        if verify:
+            args.append("--verify")
         return await self._run(args)
 
     async def gc(self, keep: int, dry_run: bool) -> dict[str, Any]:
