@@ -20,6 +20,98 @@ from tests.servers import free_port
 from weightship.demo import build_model
 
 
+@dataclass(frozen=True)
+class Tls:
+    """A throwaway CA and a server certificate (with its key) signed by it."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    ca_key: Path
+    # An agent serving this certificate also trusts the CA for its peers (--tls-ca).
+    trust_peers: bool = True
+
+    def context(self) -> Any:
+        """A client TLS context that trusts this CA only."""
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def make_tls(d: Path, hosts: Iterable[str] = ("127.0.0.1", "::1", "localhost"), *, ca: Tls | None = None) -> Tls:
+    """A CA (or ``ca``'s) and a server certificate for ``hosts`` (IP addresses and DNS
+    names in subjectAltName), as an operator's private CA would issue to agents."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2)
+
+    def pem_key(k, path: Path) -> None:
+        path.write_bytes(
+            k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        path.chmod(0o600)
+
+    if ca is None:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"weightship test CA {secrets.token_hex(4)}")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        ca_path, ca_key_path = d / "ca.pem", d / "ca.key"
+        ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        pem_key(ca_key, ca_key_path)
+    else:
+        ca_path, ca_key_path = ca.ca, ca.ca_key
+        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightship agent")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = d / "server.pem", d / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem_key(key, key_path)
+    return Tls(ca_path, cert_path, key_path, ca_key_path)
+
+
 @dataclass
 class Agent:
     dir: Path
@@ -27,6 +119,8 @@ class Agent:
     token: str
     proc: subprocess.Popen
     host: str = "127.0.0.1"
+    # Serving HTTPS with a certificate of this CA, when not None.
+    tls: Tls | None = None
 
     @property
     def cache(self) -> Path:
@@ -38,11 +132,19 @@ class Agent:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.tls else 'http'}://{self.address}"
+
+    @property
+    def verify(self) -> Any:
+        """What an httpx client of this agent verifies its certificate with."""
+        return self.tls.context() if self.tls else True
 
     def node(self, name: str) -> dict[str, Any]:
         """This agent as a fleet file's node table."""
-        return {"name": name, "transport": f"agent://{self.address}", "token_file": str(self.dir / "token")}
+        n = {"name": name, "transport": f"agent://{self.address}", "token_file": str(self.dir / "token")}
+        if self.tls:
+            n["ca"] = str(self.tls.ca)
+        return n
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -60,12 +162,21 @@ class Agent:
 
 
 def _spawn_agent(
-    d: Path, policy: Path | None, env: dict[str, str], *, host: str = "127.0.0.1", netns: str | None = None
+    d: Path,
+    policy: Path | None,
+    env: dict[str, str],
+    *,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+    store: str | None = None,
+    tls: Tls | None = None,
 ) -> Agent:
     """``host`` and ``netns``: listen on that address inside that network namespace
     (``ip netns exec`` keeps the PID), as bench/fanout.py does to put each node behind a
     link of its own. The port is free on this namespace's loopback; a fresh namespace has
-    every port free."""
+    every port free. ``store``: the agent's --store (a file:// store's blobs are then
+    sources it accepts); ``tls``: serve HTTPS with its certificate and trust its CA for
+    peers."""
     from tests.sshd import weightship_script
 
     d.mkdir(parents=True, exist_ok=True)
@@ -82,13 +193,18 @@ def _spawn_agent(
     cmd += ["--token-file", str(d / "token")]
     if policy is not None:
         cmd += ["--policy", str(policy)]
+    if store is not None:
+        cmd += ["--store", store]
+    if tls is not None:
+        cmd += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+        cmd += ["--tls-ca", str(tls.ca)] if tls.trust_peers else []
     try:
         proc = subprocess.Popen(
             cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
     finally:
         log.close()
-    return Agent(d, port, token, proc, host)
+    return Agent(d, port, token, proc, host, tls)
 
 
 def start_agents(
@@ -99,11 +215,16 @@ def start_agents(
     batch: int = 8,
     timeout: float = 60,
     places: list[tuple[str, str | None]] | None = None,
+    store: str | None = None,
+    tls: Tls | None = None,
 ) -> list[Agent]:
     """Start one agent process per directory and wait until each answers /v1/health.
     Started ``batch`` at a time: dozens of interpreters importing at once on a small
     machine would each take as long as all of them together. ``places``, one per
-    directory: the (address, network namespace or None) each agent listens on."""
+    directory: the (address, network namespace or None) each agent listens on.
+    ``store``: the test's store, for each agent's --store (pass it for a file:// store:
+    an agent accepts file:// sources only inside its own store); ``tls``: the agents
+    serve HTTPS with that certificate."""
     import httpx
 
     agents: list[Agent] = []
@@ -114,7 +235,9 @@ def start_agents(
             group = []
             for j, d in enumerate(dirs[i : i + batch], start=i):
                 where[d] = places[j] if places else ("127.0.0.1", None)
-                group.append(_spawn_agent(d, policy, env or {}, host=where[d][0], netns=where[d][1]))
+                group.append(
+                    _spawn_agent(d, policy, env or {}, host=where[d][0], netns=where[d][1], store=store, tls=tls)
+                )
             agents += group
             deadline = time.monotonic() + timeout
             waiting = list(group)
@@ -122,19 +245,32 @@ def start_agents(
                 a = waiting[0]
                 if a.proc.poll() is not None:
                     log = (a.dir / "agent.log").read_text()
-                    if "address already in use" in log and respawns < 5:
+                    if ("is in use" in log or "address already in use" in log) and respawns < 5:
                         # free_port() found a port that was free then; another process
                         # (an outgoing connection's ephemeral port) took it meanwhile.
                         respawns += 1
                         (a.dir / "agent.log").rename(a.dir / f"agent.log.{respawns}")
-                        b = _spawn_agent(a.dir, policy, env or {}, host=where[a.dir][0], netns=where[a.dir][1])
+                        b = _spawn_agent(
+                            a.dir,
+                            policy,
+                            env or {},
+                            host=where[a.dir][0],
+                            netns=where[a.dir][1],
+                            store=store,
+                            tls=tls,
+                        )
                         agents[agents.index(a)] = waiting[0] = b
                         continue
                     raise RuntimeError(f"agent exited: {log}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"agent on port {a.port} did not come up")
                 with contextlib.suppress(httpx.HTTPError):
-                    r = httpx.get(f"{a.url}/v1/health", headers={"Authorization": f"Bearer {a.token}"}, timeout=1)
+                    r = httpx.get(
+                        f"{a.url}/v1/health",
+                        headers={"Authorization": f"Bearer {a.token}"},
+                        timeout=1,
+                        verify=a.verify,
+                    )
                     if r.status_code == 200:
                         waiting.pop(0)
                         continue
@@ -146,8 +282,10 @@ def start_agents(
     return agents
 
 
-def start_agent(d: Path, policy: Path | None, env: dict[str, str]) -> Agent:
-    return start_agents([d], policy, env)[0]
+def start_agent(
+    d: Path, policy: Path | None, env: dict[str, str], *, store: str | None = None, tls: Tls | None = None
+) -> Agent:
+    return start_agents([d], policy, env, store=store, tls=tls)[0]
 
 
 def publish(model: Path, ref: str, store_url: str, key: Path | None = None, tags: Iterable[str] = ()) -> Any:

@@ -26,7 +26,9 @@ def region(tmp_path_factory):
     key = root / "release.pem"
     pub = generate_key(key)
     store = f"file://{root / 'store'}"
-    agents = start_agents([root / f"agent-{i}" for i in range(NODES)], node_toml(root / "node.toml", pub), {}, batch=25)
+    agents = start_agents(
+        [root / f"agent-{i}" for i in range(NODES)], node_toml(root / "node.toml", pub), {}, batch=25, store=store
+    )
     try:
         work = root / "work"
         work.mkdir()

@@ -12,6 +12,12 @@ Every endpoint, including unknown paths, answers 401 without the bearer token. T
     POST /v1/verify        {"ref": "NAME:VERSION"}
     POST /v1/have          {"blobs": [HEX…]}  {"blobs": {HEX: SIZE}, "partial": {HEX: BYTES}}
     GET  /v1/blobs/sha256/HEX?wait=S     a blob's bytes for a peer (Range: bytes=N-)
+    POST /v1/blobs/sha256/HEX/check      202: a peer got a copy of HEX from here that did not
+                                         verify; the agent re-hashes its own in the background
+                                         (NodeCache.check_blob) and quarantines it if corrupt
+
+With ``--tls-cert``/``--tls-key`` the agent serves HTTPS only (and every peer of a region
+reaches it at an https:// URL); ``--tls-ca`` is the CA its peers' certificates chain to.
 
 The agent applies its own ``--policy`` (a weightship.toml's [policy]) to every warm:
 nothing a caller sends can loosen it.
@@ -30,19 +36,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
+import socket
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from weightship import __version__
-from weightship.errors import WeightshipError
+from weightship.errors import UsageError, WeightshipError
 from weightship.node import PROTOCOL, NodeCache, WarmRequest
 
 MAX_JOBS = 200
@@ -54,7 +65,13 @@ PEER_STALL = 20.0
 # A peer asking for a blob queued here is held this long for its first byte, then told 503.
 PEER_HOLD = 10.0
 _BLOB_PATH = re.compile(r"^/v1/blobs/sha256/[0-9a-f]{64}$")
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_CHECK_PATH = re.compile(r"^/v1/blobs/sha256/[0-9a-f]{64}/check$")
+# A blob found sound is not re-hashed on another report within this long: a peer token
+# holder could otherwise keep the node's disk and CPU busy re-reading a large shard.
+CHECK_QUIET = 600.0
+# At most 20 digits: int() refuses more than 4300, which would answer 500.
+_RANGE = re.compile(r"bytes=([0-9]{1,20})-([0-9]{0,20})")
+_EXPIRES = re.compile(r"[0-9]{1,20}")
 
 
 def peer_token(token: str, expires: int) -> str:
@@ -66,8 +83,12 @@ def peer_token(token: str, expires: int) -> str:
 
 
 def check_peer_token(token: str, presented: str, now: float | None = None) -> bool:
+    """Whether ``presented`` is a peer token minted with ``token`` that has not expired.
+    Anything malformed is False, never an exception: the header comes from anyone."""
     parts = presented.split(".")
-    if len(parts) != 3 or parts[0] != "peer" or not parts[1].isdigit():
+    # ASCII digits only, and few of them: str.isdigit() accepts '²', which int() refuses,
+    # and int() refuses more than 4300 digits; either would answer 500 instead of 401.
+    if len(parts) != 3 or parts[0] != "peer" or not _EXPIRES.fullmatch(parts[1]):
         return False
     expires = int(parts[1])
     if expires < (time.time() if now is None else now):
@@ -150,8 +171,12 @@ def create_app(cache: NodeCache, token: str):
             await self.app(scope, receive, send)
 
     def _peer_read(scope, got: bytes) -> bool:
-        # A peer token opens the blob endpoint, and nothing else.
-        if scope["method"] not in ("GET", "HEAD") or not _BLOB_PATH.match(scope["path"]):
+        # A peer token opens the blob endpoint (and the report that a blob from it was
+        # corrupt), and nothing else.
+        if scope["method"] in ("GET", "HEAD"):
+            if not _BLOB_PATH.match(scope["path"]):
+                return False
+        elif scope["method"] != "POST" or not _CHECK_PATH.match(scope["path"]):
             return False
         if not got.startswith(b"Bearer peer."):
             return False
@@ -214,7 +239,8 @@ def create_app(cache: NodeCache, token: str):
     async def status(request: Request) -> JSONResponse:
         q = request.query_params
         try:
-            doc = await asyncio.to_thread(cache.status, q.get("ref"), q.get("version"), q.get("digest"))
+            verify = q.get("verify") in ("1", "true")
+            doc = await asyncio.to_thread(cache.status, q.get("ref"), q.get("version"), q.get("digest"), verify=verify)
         except WeightshipError as e:
             return error(e)
         return JSONResponse(doc)
@@ -246,6 +272,29 @@ def create_app(cache: NodeCache, token: str):
         except (ValueError, TypeError, WeightshipError) as e:
             return error(e)
         return JSONResponse(result)
+
+    checked: dict[str, float] = {}
+    checking: set[str] = set()
+
+    async def check(request: Request) -> JSONResponse:
+        h = request.path_params["hex"]
+        now = time.monotonic()
+        if h in checking or now - checked.get(h, -CHECK_QUIET) < CHECK_QUIET:
+            return JSONResponse({"blob": h, "checking": h in checking, "recent": True}, status_code=202)
+        checking.add(h)
+
+        def run() -> None:
+            try:
+                result = cache.check_blob(h)
+                if not result.get("corrupt"):
+                    checked[h] = time.monotonic()
+            except (OSError, WeightshipError):
+                pass
+            finally:
+                checking.discard(h)
+
+        threading.Thread(target=run, daemon=True, name=f"check-{h[:12]}").start()
+        return JSONResponse({"blob": h, "checking": True}, status_code=202)
 
     async def have(request: Request) -> JSONResponse:
         try:
@@ -297,7 +346,7 @@ def create_app(cache: NodeCache, token: str):
         start, end = 0, blob.size
         rng = request.headers.get("range")
         if rng:
-            m = _RANGE.match(rng.strip())
+            m = _RANGE.fullmatch(rng.strip())
             if not m:
                 blob.close()
                 return error(ValueError("only Range: bytes=START- or bytes=START-END is served"), 416)
@@ -362,14 +411,13 @@ def create_app(cache: NodeCache, token: str):
         Route("/v1/verify", verify, methods=["POST"]),
         Route("/v1/have", have, methods=["POST"]),
         Route("/v1/blobs/sha256/{hex:str}", blob, methods=["GET"]),
+        Route("/v1/blobs/sha256/{hex:str}/check", check, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     return Auth(app)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    from weightship.errors import UsageError
-
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = "127.0.0.1", text
@@ -395,10 +443,87 @@ def _preload() -> None:
     shared_ssl_context()
 
 
-def serve(cache: NodeCache, token: str, host: str, port: int, announce=print) -> None:
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host``:``port`` (every address the name resolves to, as
+    asyncio would bind), made before the agent says it serves: a taken port is then one
+    error line and exit 2, not a "serving" line followed by uvicorn's own error and exit 3."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--listen {where}: cannot resolve {host!r} ({e.strerror})") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in {(i[0], i[1], i[2], "", i[4]): None for i in infos}:
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            # As uvicorn does: a restarted agent binds at once, whatever connections of the
+            # one before are still in TIME_WAIT. (Linux still refuses a port someone listens on.)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(2048)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"--listen {where}: port {port} is in use by another process", "stop it or choose another port"
+            ) from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(
+                f"--listen {where}: {host} is not an address of this machine", "name one of its addresses"
+            ) from None
+        if e.errno == errno.EACCES:
+            raise UsageError(
+                f"--listen {where}: not allowed to bind port {port}", "ports below 1024 need privileges"
+            ) from None
+        raise UsageError(f"--listen {where}: cannot listen ({e.strerror or e})") from None
+    return socks
+
+
+def _encrypted_key() -> str:
+    # Called by OpenSSL only for an encrypted key: refuse it rather than prompt on a tty
+    # that an agent started by systemd does not have.
+    raise UsageError("--tls-key is encrypted", "give the agent an unencrypted key file readable only by its user")
+
+
+def check_tls(cert: Path, key: Path) -> None:
+    """Load the certificate and key once, to refuse a bad pair with one line naming it."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=_encrypted_key)
+    except ssl.SSLError as e:  # an OSError too: caught first
+        raise UsageError(
+            f"cannot use --tls-cert {cert} with --tls-key {key} ({e.reason or e})",
+            "pass a PEM certificate (chain) and its unencrypted PEM private key",
+        ) from None
+    except OSError as e:
+        raise UsageError(f"cannot read --tls-cert {cert} or --tls-key {key}: {e.strerror or e}") from None
+
+
+def serve(
+    cache: NodeCache,
+    token: str,
+    host: str,
+    port: int,
+    announce: Callable[[str], None] = print,
+    *,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    warnings: Iterable[str] = (),
+) -> None:
+    """Serve until interrupted: HTTPS only when given ``tls_cert`` and ``tls_key``.
+    ``announce`` gets the "serving" line, once the port is bound, then ``warnings``."""
     import uvicorn
 
     cache.ensure()
+    tls = tls_cert is not None and tls_key is not None
+    if tls:
+        check_tls(tls_cert, tls_key)
     _preload()
     config = uvicorn.Config(
         create_app(cache, token),
@@ -409,7 +534,25 @@ def serve(cache: NodeCache, token: str, host: str, port: int, announce=print) ->
         lifespan="off",
         # Event streams of long warms are held open; shutdown should not wait on them.
         timeout_graceful_shutdown=2,
+        ssl_certfile=tls_cert if tls else None,
+        ssl_keyfile=tls_key if tls else None,
     )
-    server = uvicorn.Server(config)
-    announce(f"weightship agent {__version__} serving {cache.root} on http://{host}:{port}")
-    server.run()
+    config.load()
+    socks = bind(host, port)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    announce(f"weightship agent {__version__} serving {cache.root} on {'https' if tls else 'http'}://{where}")
+    if not tls and not all(_loopback(s) for s in socks):
+        announce(
+            f"warning: listening on {where} without TLS: the bearer token, peer tokens and blobs travel in"
+            " clear text; pass --tls-cert and --tls-key"
+        )
+    for line in warnings:
+        announce(f"warning: {line}")
+    uvicorn.Server(config).run(sockets=socks)
+
+
+def _loopback(sock: socket.socket) -> bool:
+    try:
+        return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+    except ValueError:
+        return False

@@ -23,8 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-NODE_KEYS = {"name", "transport", "cache", "capacity", "labels", "command", "config", "token", "token_file"}
-REGION_KEYS = {"store", "nodes"}
+NODE_KEYS = {"name", "transport", "cache", "capacity", "labels", "command", "config", "token", "token_file", "ca"}
+REGION_KEYS = {"store", "nodes", "ca"}
 DEFAULT_COMMAND = "weightship"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)\s*$", re.IGNORECASE)
@@ -49,6 +49,15 @@ class Node:
     config: str | None = None
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
+    # An agent serving TLS: the CA (PEM) its certificate must chain to; None: plain HTTP.
+    ca: str | None = None
+
+    @property
+    def agent_url(self) -> str:
+        """Where this agent node is reached, by the CLI and by its peers: https:// when
+        the fleet file gives it a CA (its agent serves --tls-cert), else http://."""
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{'https' if self.ca else 'http'}://{host}:{self.port}"
 
     def read_token(self) -> str:
         if self.token:
@@ -74,6 +83,8 @@ class Node:
         }
         if self.config:
             d["config"] = self.config
+        if self.ca:
+            d["ca"] = self.ca
         return d
 
 
@@ -175,6 +186,11 @@ def parse_fleet(data: dict[str, Any], path: Path | None, text: str = "") -> Flee
                 raise where.error(table, None, "store", f"{store!r} is not a store URL (s3://… or file://…)")
             if store.startswith("file://") and not Path(store[7:]).is_absolute():
                 store = "file://" + str(base / store[7:])
+        region_ca = rdata.get("ca")
+        if region_ca is not None:
+            if not isinstance(region_ca, str) or not region_ca:
+                raise where.error(table, None, "ca", "must be the path of a PEM file of CA certificates")
+            region_ca = str(base / region_ca)  # relative to the fleet file, like token_file
         nodes_data = rdata.get("nodes")
         if not isinstance(nodes_data, list) or not nodes_data:
             raise where.error(table, None, "nodes", f"region has no nodes; add [[{table}.nodes]] entries")
@@ -182,7 +198,7 @@ def parse_fleet(data: dict[str, Any], path: Path | None, text: str = "") -> Flee
         for i, nd in enumerate(nodes_data):
             if not isinstance(nd, dict):
                 raise where.error(f"{table}.nodes", i, None, "must be a table")
-            nodes.append(_parse_node(nd, rname, f"{table}.nodes", i, base, where))
+            nodes.append(_parse_node(nd, rname, f"{table}.nodes", i, base, where, region_ca))
         seen: set[str] = set()
         for i, n in enumerate(nodes):
             if n.name in seen:
@@ -192,14 +208,16 @@ def parse_fleet(data: dict[str, Any], path: Path | None, text: str = "") -> Flee
     return Fleet(regions, path)
 
 
-def _parse_node(nd: dict[str, Any], region: str, table: str, i: int, base: Path, where: _Locator) -> Node:
+def _parse_node(
+    nd: dict[str, Any], region: str, table: str, i: int, base: Path, where: _Locator, region_ca: str | None = None
+) -> Node:
     def bad(key: str | None, why: str) -> ConfigError:
         return where.error(table, i, key, why)
 
     for key in nd:
         if key not in NODE_KEYS:
             raise bad(key, f"unknown field (known: {', '.join(sorted(NODE_KEYS))})")
-    for key in ("name", "transport", "cache", "command", "config", "token", "token_file"):
+    for key in ("name", "transport", "cache", "command", "config", "token", "token_file", "ca"):
         if key in nd and not isinstance(nd[key], str):
             raise bad(key, "must be a string")
     name = nd.get("name")
@@ -235,6 +253,14 @@ def _parse_node(nd: dict[str, Any], region: str, table: str, i: int, base: Path,
             raise bad("config", "an agent takes its policy from `weightship agent serve --policy`, not the fleet file")
     elif token or token_file:
         raise bad("token" if token else "token_file", f"only agent nodes take a token, this node is {kind}")
+    # The node's own ca wins over its region's; a region's ca concerns its agents only.
+    ca = region_ca if kind == "agent" else None
+    if "ca" in nd:
+        if kind != "agent":
+            raise bad("ca", f"only agent nodes take a ca (the CA of the agent's TLS certificate), this node is {kind}")
+        if not nd["ca"]:
+            raise bad("ca", "must be the path of a PEM file of CA certificates")
+        ca = str(base / nd["ca"])
     config = nd.get("config")
     if kind == "local" and config and not Path(config).is_absolute():
         config = str(base / config)
@@ -256,6 +282,7 @@ def _parse_node(nd: dict[str, Any], region: str, table: str, i: int, base: Path,
         config=config,
         token=token,
         token_file=token_file,
+        ca=ca,
     )
 
 
@@ -303,7 +330,7 @@ class _Locator:
     def line_of(self, table: str, index: int | None, key: str | None) -> int | None:
         if not self.lines:
             return None
-        header = re.compile(r"^\s*\[\[?\s*" + r"\s*\.\s*".join(_key_re(p) for p in table.split(".")) + r"\s*\]\]?")
+        header = re.compile(r"^\s*\[\[?\s*" + r"\s*\.\s*".join(key_pattern(p) for p in table.split(".")) + r"\s*\]\]?")
         starts = [n for n, line in enumerate(self.lines) if header.match(line)]
         if index is not None and index < len(starts):
             start = starts[index]
@@ -313,7 +340,7 @@ class _Locator:
             return self._key_anywhere(key)
         if key is None:
             return start + 1
-        key_re = re.compile(r"^\s*" + _key_re(key) + r"\s*=")
+        key_re = re.compile(r"^\s*" + key_pattern(key) + r"\s*=")
         for n in range(start + 1, len(self.lines)):
             if re.match(r"^\s*\[", self.lines[n]):
                 break
@@ -324,7 +351,7 @@ class _Locator:
     def _key_anywhere(self, key: str | None) -> int | None:
         if key is None:
             return None
-        key_re = re.compile(r"^\s*" + _key_re(key) + r"\s*=")
+        key_re = re.compile(r"^\s*" + key_pattern(key) + r"\s*=")
         hits = [n for n, line in enumerate(self.lines) if key_re.match(line)]
         return hits[0] + 1 if len(hits) == 1 else None
 
@@ -337,6 +364,6 @@ class _Locator:
         return ConfigError(f"{where}: {field_}: {why}")
 
 
-def _key_re(part: str) -> str:
-    # A key may be written bare or quoted.
+def key_pattern(part: str) -> str:
+    """A regular expression for a TOML key written bare or quoted (to find its line)."""
     return "(?:" + re.escape(part) + '|"' + re.escape(part) + '"' + "|'" + re.escape(part) + "')"

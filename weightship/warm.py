@@ -295,8 +295,8 @@ async def plan_warm(
             token = n.read_token()
         except WeightshipError:
             continue
-        host = f"[{n.host}]" if n.host and ":" in n.host else n.host
-        endpoints[n.name] = {"url": f"http://{host}:{n.port}", "token": peer_token(token, until)}
+        # https:// for an agent serving TLS, so that peer transfers between such agents use it too.
+        endpoints[n.name] = {"url": n.agent_url, "token": peer_token(token, until)}
     plan = make_plan(nodes, blobs, inventory, peers=peers, parallel=parallel, servers=set(endpoints))
     plan.endpoints = endpoints
     return plan
@@ -603,6 +603,8 @@ class Query:
     ref: str | None = None
     version: str | None = None
     digest: str | None = None
+    # Re-hash what each node holds before answering (status --verify).
+    verify: bool = False
 
 
 async def status_nodes(
@@ -624,7 +626,7 @@ async def status_nodes(
             except WeightshipError as e:
                 return {**base, **_empty(q), "state": "failed", "error": str(e)}
             try:
-                doc = await asyncio.wait_for(transport.status(q.ref, q.version, q.digest), timeout)
+                doc = await asyncio.wait_for(transport.status(q.ref, q.version, q.digest, verify=q.verify), timeout)
             except NodeUnreachable as e:
                 return {**base, **_empty(q), "state": "unreachable", "error": str(e)}
             except asyncio.TimeoutError:

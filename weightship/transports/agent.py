@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
+from weightship.errors import ConfigError
 from weightship.fleet import Node
 from weightship.node import WarmRequest
 from weightship.sources import shared_ssl_context
@@ -14,12 +16,40 @@ from weightship.transports.base import CONNECT_TIMEOUT, NodeFailed, NodeUnreacha
 # connection drops; the job goes on in the agent meanwhile.
 STREAM_RECONNECTS = 5
 
+# One TLS context per CA file, shared by every node that names it: a status of a region of
+# fifty agents builds one, not fifty.
+_CA_CONTEXTS: dict[str, Any] = {}
+_CA_LOCK = threading.Lock()
+
+
+def ca_context(node: Node) -> Any:
+    """The TLS context that checks ``node``'s agent certificate against the fleet file's
+    ``ca`` for it, and only that CA: an agent's certificate comes from the fleet's own CA,
+    never from a public one."""
+    import ssl
+
+    assert node.ca
+    with _CA_LOCK:
+        ctx = _CA_CONTEXTS.get(node.ca)
+        if ctx is None:
+            try:
+                ctx = ssl.create_default_context(cafile=node.ca)
+            except ssl.SSLError as e:  # an OSError too: caught first
+                raise ConfigError(
+                    f"node {node.name}: ca {node.ca} holds no PEM CA certificate ({e.reason or e})"
+                ) from None
+            except OSError as e:
+                raise ConfigError(f"node {node.name}: cannot read ca {node.ca}: {e.strerror}") from None
+            _CA_CONTEXTS[node.ca] = ctx
+        return ctx
+
 
 class AgentTransport(Transport):
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.base = f"http://{node.host}:{node.port}"
+        self.base = node.agent_url
         self._token = node.read_token()
+        self._verify = ca_context(node) if node.ca else shared_ssl_context()
 
     def _client(self):
         import httpx
@@ -28,7 +58,7 @@ class AgentTransport(Transport):
             base_url=self.base,
             headers={"Authorization": f"Bearer {self._token}"},
             timeout=httpx.Timeout(60.0, connect=CONNECT_TIMEOUT),
-            verify=shared_ssl_context(),
+            verify=self._verify,
         )
 
     async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
@@ -38,7 +68,7 @@ class AgentTransport(Transport):
             async with self._client() as c:
                 resp = await c.request(method, path, **kw)
         except httpx.TransportError as e:
-            raise NodeUnreachable(f"agent {self.base}: {_reason(e)}") from None
+            raise NodeUnreachable(f"agent {self.base}: {_reason(e, self.node)}") from None
         return self._json(resp)
 
     def _json(self, resp) -> dict[str, Any]:
@@ -82,13 +112,15 @@ class AgentTransport(Transport):
                 last = e
                 continue
             last = None
-        reason = _reason(last) if last else "the event stream ended without a result"
+        reason = _reason(last, self.node) if last else "the event stream ended without a result"
         raise NodeUnreachable(f"agent {self.base}: lost the warm's events ({reason}); job {job} may still be running")
 
     async def status(
-        self, ref: str | None = None, version: str | None = None, digest: str | None = None
+        self, ref: str | None = None, version: str | None = None, digest: str | None = None, *, verify: bool = False
     ) -> dict[str, Any]:
         params = {k: v for k, v in {"ref": ref, "version": version, "digest": digest}.items() if v}
+        if verify:
+            params["verify"] = "1"
         return await self._call("GET", "/v1/status", params=params)
 
     async def gc(self, keep: int, dry_run: bool) -> dict[str, Any]:
@@ -98,11 +130,19 @@ class AgentTransport(Transport):
         return await self._call("POST", "/v1/have", json={"blobs": hexdigests})
 
 
-def _reason(e: Exception) -> str:
+def _reason(e: Exception, node: Node) -> str:
     import httpx
 
+    text = str(e)
     if isinstance(e, httpx.ConnectError):
-        return f"cannot connect ({e})"
+        # A scheme that does not match the agent fails in ways that name neither: say so.
+        if node.ca and "CERTIFICATE_VERIFY_FAILED" in text:
+            return f"its TLS certificate does not verify against ca {node.ca} ({text})"
+        if node.ca and "WRONG_VERSION_NUMBER" in text:
+            return f"it does not speak TLS ({text}); remove ca for this node, or start the agent with --tls-cert"
+        return f"cannot connect ({text})"
+    if isinstance(e, httpx.RemoteProtocolError) and not node.ca:
+        return f"{text}; if the agent serves TLS (--tls-cert), set ca for this node in the fleet file"
     if isinstance(e, httpx.TimeoutException):
         return "timed out"
     return f"{type(e).__name__}: {e}"
