@@ -17,18 +17,18 @@ _weightship_options() {
     case "$1" in
         'weightship') echo '--config -h --help -q --quiet --version' ;;
         'weightship agent') echo '-h --help' ;;
-        'weightship agent serve') echo '--cache --capacity -h --help --listen --policy --token-file' ;;
+        'weightship agent serve') echo '--cache --capacity -h --help --listen --policy --store --tls-ca --tls-cert --tls-key --token-file' ;;
         'weightship demo') echo '--dir -h --help' ;;
         'weightship fleet') echo '-h --help' ;;
         'weightship fleet ls') echo '--fleet -h --help --json -r --region' ;;
         'weightship gc') echo '--accept-new-host-keys --dry-run --fleet -h --help --json --keep -r --region' ;;
-        'weightship keygen') echo '--curve -h --help' ;;
+        'weightship keygen') echo '--curve --force -h --help' ;;
         'weightship ls') echo '-h --help --json --store' ;;
         'weightship node') echo '-h --help' ;;
         'weightship node gc') echo '--cache --dry-run -h --help --json --keep' ;;
         'weightship node have') echo '--cache -h --help --json' ;;
         'weightship node pin') echo '--cache -h --help --json --unpin' ;;
-        'weightship node status') echo '--cache --capacity --digest -h --help --json --policy --version' ;;
+        'weightship node status') echo '--cache --capacity --digest -h --help --json --policy --verify --version' ;;
         'weightship node verify') echo '--cache -h --help --json --policy' ;;
         'weightship node warm') echo '--cache --capacity --detach -h --help --hot --json --policy --request' ;;
         'weightship pack') echo '-h --help --ignore --json' ;;
@@ -36,7 +36,7 @@ _weightship_options() {
         'weightship pull') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store --sync' ;;
         'weightship show') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
         'weightship sign') echo '--cert-chain -h --help --identity-token --ignore --key --key-password --signature --sigstore --staging --trust-config' ;;
-        'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json --no-output-github --output-github -r --region --require --store --timeout --watch' ;;
+        'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json --no-output-github --output-github -r --region --require --store --timeout --verify --watch' ;;
         'weightship tag') echo '-h --help --json --store' ;;
         'weightship verify') echo '--cert-chain -h --help --identity --identity-regex --ignore --issuer --json --key --offline --online --signature' ;;
         'weightship warm') echo '--accept-new-host-keys --cert-chain --credentials --detach --fleet -h --help --hot --identity --identity-regex --issuer --json --key --max-rate --min-ready --no-output-github --no-peers --no-verify --output-github --parallel --peers --pin --plan -r --region --retries --store -t --tag --timeout --wait' ;;
@@ -51,6 +51,10 @@ _weightship_value() {
         'weightship agent serve --capacity') echo '1 plain' ;;
         'weightship agent serve --listen') echo '1 plain' ;;
         'weightship agent serve --policy') echo '1 file' ;;
+        'weightship agent serve --store') echo '1 plain' ;;
+        'weightship agent serve --tls-ca') echo '1 file' ;;
+        'weightship agent serve --tls-cert') echo '1 file' ;;
+        'weightship agent serve --tls-key') echo '1 file' ;;
         'weightship agent serve --token-file') echo '1 file' ;;
         'weightship demo --dir') echo '1 file' ;;
         'weightship fleet ls --fleet') echo '1 file' ;;

@@ -21,6 +21,10 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship agent serve --capacity' \
              'weightship agent serve --listen' \
              'weightship agent serve --policy' \
+             'weightship agent serve --store' \
+             'weightship agent serve --tls-ca' \
+             'weightship agent serve --tls-cert' \
+             'weightship agent serve --tls-key' \
              'weightship agent serve --token-file' \
              'weightship demo --dir' \
              'weightship fleet ls --fleet' \
@@ -188,7 +192,7 @@ complete -c weightship -n '__weightship_at "weightship"' -s q -l quiet -d 'Only 
 complete -c weightship -n '__weightship_at "weightship"' -l version -d 'Print the version and exit.'
 
 # weightship agent
-complete -c weightship -n '__weightship_at "weightship agent"' -a serve -d 'Serve this node\'s cache engine over HTTP (warm, status, events, gc),...'
+complete -c weightship -n '__weightship_at "weightship agent"' -a serve -d 'Serve this node\'s cache engine over HTTP or HTTPS (warm, status, events, gc),...'
 complete -c weightship -n '__weightship_at "weightship agent"' -s h -l help -d 'Show this message and exit.'
 
 # weightship agent serve
@@ -197,6 +201,10 @@ complete -c weightship -n '__weightship_at "weightship agent serve"' -l capacity
 complete -c weightship -n '__weightship_at "weightship agent serve"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l listen -r -f -d 'HOST:PORT to bind; loopback unless you name an address.'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l store -r -f -d 'The store this agent reads from: warms may name file:// sources only inside a file:// store (default: none).'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l tls-ca -r -F -d 'PEM CA that peers\' certificates must chain to (default: the system\'s roots).'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l tls-cert -r -F -d 'PEM certificate (chain) to serve HTTPS with; needs --tls-key.'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l tls-key -r -F -d 'Unencrypted PEM private key of --tls-cert.'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l token-file -r -F -d 'File holding the bearer token callers must send.'
 
 # weightship demo
@@ -224,6 +232,7 @@ complete -c weightship -n '__weightship_at "weightship gc"' -s r -l region -r -f
 
 # weightship keygen
 complete -c weightship -n '__weightship_at "weightship keygen"' -l curve -r -f -a 'P-256 P-384 P-521' -d 'Elliptic curve of the key.'
+complete -c weightship -n '__weightship_at "weightship keygen"' -l force -d 'Replace an existing key pair at PATH (the old private key is lost).'
 complete -c weightship -n '__weightship_at "weightship keygen"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship keygen" 0' -F
 
@@ -266,6 +275,7 @@ complete -c weightship -n '__weightship_at "weightship node status"' -l digest -
 complete -c weightship -n '__weightship_at "weightship node status"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship node status"' -l json -d 'Print a machine-readable JSON document.'
 complete -c weightship -n '__weightship_at "weightship node status"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship node status"' -l verify -d 'Re-hash ready releases first; a damaged one is withdrawn and failed.'
 complete -c weightship -n '__weightship_at "weightship node status"' -l version -r -f -d 'The version REF should be (from the store).'
 
 # weightship node verify
@@ -361,6 +371,7 @@ complete -c weightship -n '__weightship_at "weightship status"' -s r -l region -
 complete -c weightship -n '__weightship_at "weightship status"' -l require -r -f -d 'Share of nodes that must be ready for exit 0: all, N% or a count.'
 complete -c weightship -n '__weightship_at "weightship status"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship status"' -l timeout -r -f -d 'Give up after this long: 90, 90s, 10m, 2h.'
+complete -c weightship -n '__weightship_at "weightship status"' -l verify -d 'Re-hash every ready file on the nodes first; damaged releases are withdrawn and failed.'
 complete -c weightship -n '__weightship_at "weightship status"' -l watch -d 'Refresh until the requirement is met or --timeout.'
 
 # weightship tag

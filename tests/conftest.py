@@ -38,6 +38,16 @@ def minilm(tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def oms_fixtures(tmp_path_factory) -> Path:
+    """The OMS reference fixtures: ROOT/keys/*.pem and ROOT/v1.1.0-{elliptic-key,certificate,
+    sigstore}/, the first two signed now by model_signing (tests/oms_fixtures.py). Read-only
+    by convention: tests that change a folder copy it first."""
+    from tests.oms_fixtures import build
+
+    return build(tmp_path_factory.mktemp("oms"))
+
+
 @pytest.fixture
 def small_model(tmp_path: Path) -> Path:
     """A small real safetensors model: two shards, index, config, tokenizer folder."""
@@ -89,3 +99,34 @@ def s3_store_url(s3_server, monkeypatch) -> str:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     bucket = s3_server.create_bucket()
     return f"s3://{bucket}/weights"
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory):
+    """One real Azurite (``azurite-blob``, Azure Blob) for the session, stopped by PID at the
+    end. Tests that need Azure Blob take ``az_store_url``, which gives each its own container."""
+    from tests.helpers import require
+    from tests.servers import azurite_binary, start_azurite
+
+    require(azurite_binary() is not None, "Azurite (azurite-blob)", "./scripts/test installs it from npm")
+    server = start_azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def az_store_url(azurite_server, monkeypatch) -> str:
+    """``az://CONTAINER/weights`` in a fresh container, with obstore's standard Azure
+    environment (AZURE_STORAGE_USE_EMULATOR, AZURITE_BLOB_STORAGE_URL, ...) pointing at
+    ``azurite_server`` and nobody else's AZURE_* settings in the way."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("AZURE_", "AZURITE_")):
+            monkeypatch.delenv(name)
+    for name, value in azurite_server.env().items():
+        monkeypatch.setenv(name, value)
+    container = azurite_server.create_container()
+    return f"az://{container}/weights"

@@ -4,7 +4,8 @@
 wheel) on 127.0.0.1 with its own ports, data directory and access keys, and returns an
 :class:`S3Server`. ``CountingProxy`` is a loopback TCP proxy that counts the bytes that
 cross it in each direction, so a test can assert what really went over the wire rather
-than what the client says it sent.
+than what the client says it sent. ``start_azurite(tmp_dir)`` runs Azurite's
+``azurite-blob`` (from npm, installed by scripts/test) and returns an :class:`AzuriteServer`.
 """
 
 from __future__ import annotations
@@ -386,6 +387,188 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
             last = e
             time.sleep(0.1)
     raise RuntimeError(f"weed mini not ready after {timeout}s ({last}):\n{server.log_tail()}")
+
+
+# Azurite's well-known development account: published by Microsoft, the same in every install.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_binary() -> str | None:
+    """``azurite-blob``: where scripts/test installed it (``AZURITE_BLOB_BIN``), else on
+    PATH, else in the cache directory scripts/test uses; None when it is nowhere."""
+    env = os.environ.get("AZURITE_BLOB_BIN")
+    if env and os.path.isfile(env) and os.access(env, os.X_OK):
+        return env
+    found = shutil.which("azurite-blob")
+    if found:
+        return found
+    caches = [os.environ.get("XDG_CACHE_HOME"), str(Path.home() / ".cache")]
+    for cache in filter(None, caches):
+        c = Path(cache) / "weightship-test" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    return None
+
+
+@dataclass
+class AzuriteServer:
+    """A running ``azurite-blob``: the account is ``devstoreaccount1`` with its well-known key."""
+
+    endpoint: str  # http://127.0.0.1:PORT, without the account
+    port: int
+    pid: int
+    data_dir: Path
+    log_path: Path
+    account: str = AZURITE_ACCOUNT
+    key: str = AZURITE_KEY
+    _proc: subprocess.Popen | None = field(default=None, repr=False)
+    _proxies: list[CountingProxy] = field(default_factory=list, repr=False)
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        """The variables that point obstore's AzureStore (its standard environment config) at
+        this server. Emulator mode alone implies the account and key; they are set anyway, so
+        that a process that reads them explicitly gets the same answer."""
+        return {
+            "AZURE_STORAGE_USE_EMULATOR": "true",
+            "AZURITE_BLOB_STORAGE_URL": endpoint or self.endpoint,
+            "AZURE_STORAGE_ACCOUNT_NAME": self.account,
+            "AZURE_STORAGE_ACCOUNT_KEY": self.key,
+        }
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={self.account};AccountKey={self.key};"
+            f"BlobEndpoint={self.endpoint}/{self.account};"
+        )
+
+    def client(self, **kwargs: Any) -> Any:
+        """An ``azure.storage.blob.BlobServiceClient`` for this server (the test extra)."""
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.connection_string, **kwargs)
+
+    def create_container(self, name: str | None = None) -> str:
+        name = name or f"c-{uuid.uuid4().hex[:16]}"
+        self.client().create_container(name)
+        return name
+
+    def proxy(self) -> CountingProxy:
+        """A counting proxy in front of this server (closed by ``stop``); pass its
+        ``endpoint`` to ``env()``."""
+        p = CountingProxy("127.0.0.1", self.port)
+        self._proxies.append(p)
+        return p
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        for p in self._proxies:
+            p.close()
+        self._proxies.clear()
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self._proc.wait(timeout=10)
+        self._proc = None
+
+    def __enter__(self) -> AzuriteServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_azurite(tmp_dir: Path | str, *, binary: str | None = None, timeout: float = 60.0) -> AzuriteServer:
+    """Start ``azurite-blob`` on 127.0.0.1 on a free port with a fresh data dir under
+    ``tmp_dir``. ``--skipApiVersionCheck``: azure-storage-blob sends API versions newer than
+    Azurite knows (obstore does not need it); ``--loose``: ignore headers Azurite does not
+    implement rather than fail; ``--disableTelemetry``: Azurite 3.34+ otherwise reports
+    usage over the network."""
+    binary = binary or azurite_binary()
+    if binary is None:
+        raise RuntimeError("azurite-blob not found: run scripts/test, or npm install azurite and set AZURITE_BLOB_BIN")
+    base = Path(tmp_dir) / f"azurite-{uuid.uuid4().hex[:8]}"
+    data = base / "data"
+    data.mkdir(parents=True)
+    port = free_port()
+    args = [
+        binary,
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(port),
+        "--location",
+        str(data),
+        "--skipApiVersionCheck",
+        "--loose",
+        "--silent",
+        "--disableTelemetry",
+    ]
+    log_path = base / "azurite.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
+    try:
+        # The script's "#!/usr/bin/env node" execs node in place: the PID is the server's.
+        proc = subprocess.Popen(
+            args,
+            cwd=base,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        log.close()
+    server = AzuriteServer(
+        endpoint=f"http://127.0.0.1:{port}",
+        port=port,
+        pid=proc.pid,
+        data_dir=data,
+        log_path=log_path,
+        _proc=proc,
+    )
+    try:
+        _wait_azurite_ready(server, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_azurite_ready(server: AzuriteServer, timeout: float) -> None:
+    """Ready means an authenticated Blob call succeeds, not merely an open port."""
+    from azure.core.exceptions import AzureError
+
+    # No SDK retries: this loop retries, and the SDK's back-off would overshoot the deadline.
+    client = server.client(retry_total=0, connection_timeout=2, read_timeout=5)
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"azurite-blob exited early:\n{server.log_tail()}")
+        try:
+            client.get_service_properties()
+            return
+        except AzureError as e:
+            last = e
+            time.sleep(0.1)
+    raise RuntimeError(f"azurite-blob not ready after {timeout}s ({last}):\n{server.log_tail()}")
 
 
 if __name__ == "__main__":

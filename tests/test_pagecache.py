@@ -33,36 +33,26 @@ def test_write_all_writes_every_byte_in_slices():
 
 
 def test_a_download_writes_in_slices(tmp_path, monkeypatch):
-    """The file:// store's get_blob (the same write path as S3 pulls and node fetches)
-    never hands the kernel more than WRITE_SLICE at once."""
+    """The file:// store's get_blob (through the one blob writer every source uses: S3
+    pulls, node fetches, URLs and peers) never hands the kernel more than WRITE_SLICE at once."""
     data = os.urandom(5 * 1024 * 1024 + 7)
     src = tmp_path / "src"
     src.write_bytes(data)
     hexdigest = hashlib.sha256(data).hexdigest()
     store = FileStore(tmp_path / "store")
     store.put_blob(hexdigest, src, len(data))
-    sizes: list[int] = []
-    real_write = io.BufferedWriter.write
-
-    class Spy(io.BufferedWriter):
-        def write(self, b) -> int:  # type: ignore[override]
-            sizes.append(len(b))
-            return real_write(self, b)
-
-    real_open = open
-
-    def spying_open(file, mode="r", *args, **kwargs):
-        fh = real_open(file, mode, *args, **kwargs)
-        if mode == "ab":
-            raw = fh.detach()
-            return Spy(raw)
-        return fh
-
-    import weightship.store.file as file_module
-
-    monkeypatch.setattr(file_module, "open", spying_open, raising=False)
     dest = tmp_path / "dest"
+    sizes: list[int] = []
+    real_write = os.write
+
+    def spying_write(fd: int, b) -> int:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(dest):
+            sizes.append(len(b))
+        return real_write(fd, b)
+
+    monkeypatch.setattr(os, "write", spying_write)
     assert store.get_blob(hexdigest, dest, len(data)) == len(data)
+    monkeypatch.undo()
     assert dest.read_bytes() == data
     assert sizes and max(sizes) <= WRITE_SLICE
     assert sum(sizes) == len(data)

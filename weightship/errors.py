@@ -63,3 +63,26 @@ class NotFoundError(StoreError):
 
 class ConflictError(StoreError):
     """A write would overwrite something immutable (a version) or shadow a version."""
+
+
+class SpaceError(WeightshipError):
+    """A disk is full, or a cache cannot hold a release even after evicting what it may."""
+
+
+class LocalWriteError(WeightshipError):
+    """Bytes could not be written to this machine's own disk (not the store's fault, so not
+    worth retrying against the store)."""
+
+
+def write_error(e: OSError, what: str) -> WeightshipError:
+    """The error to raise when writing ``what`` on this machine failed with ``e``."""
+    import errno
+
+    where = f"{e.filename or what}: {e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpaceError(
+            f"the disk is full ({where})",
+            "free space (on a node, weightship gc removes failed releases and their partial "
+            "downloads), then run the same command again: it resumes from the bytes already here",
+        )
+    return LocalWriteError(f"cannot write {where}")

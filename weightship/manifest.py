@@ -19,13 +19,46 @@ from typing import Any
 from weightship.errors import IntegrityError, ModelError
 
 SCHEMA = "weightship.manifest/v1"
+# What pull and node caches write into a release directory themselves: no file of the
+# release may take these names (its bytes would be written over, or over them).
+RESERVED_PATHS = frozenset({"model.sig"})
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
+# A path must fit wherever a release lands: S3 keys stop at 1024 bytes, and a node or
+# file:// store writes each file under a temporary name of the component plus about 20
+# bytes (".tmp-NAME-RANDOM"), which must stay within the 255 bytes of a file name.
+MAX_PATH_BYTES = 1024
+MAX_COMPONENT_BYTES = 200
+
+
 def check_relpath(path: str) -> str:
-    """Refuse a path that could escape the directory it is materialised into."""
+    """Refuse a path that could escape the directory it is materialised into, or that
+    stores and node caches could not hold (not UTF-8, too long)."""
     if not path or "\x00" in path or "\\" in path:
         raise ModelError(f"unsafe path {path!r} in model", "paths must be plain relative paths")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        # os.walk hands undecodable bytes over as lone surrogates; show them as \xNN.
+        try:
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            shown = path.encode("utf-8", "backslashreplace").decode()
+        raise ModelError(
+            f"file name '{shown}' is not valid UTF-8",
+            "rename it: manifests, signatures and stores hold UTF-8 paths",
+        ) from None
+
+    def abbreviated(text: str) -> str:
+        return text if len(text) <= 160 else f"{text[:100]}…{text[-40:]}"
+
+    if len(encoded) > MAX_PATH_BYTES:
+        raise ModelError(
+            f"path '{abbreviated(path)}' is {len(encoded)} bytes long, more than the {MAX_PATH_BYTES} "
+            "bytes a path in a release may have",
+            "shorten it or its directories: stores and node caches could not hold it",
+        )
     p = PurePosixPath(path)
     if p.is_absolute() or path.startswith("/"):
         raise ModelError(f"absolute path {path!r} refused", "paths must be relative")
@@ -35,6 +68,14 @@ def check_relpath(path: str) -> str:
             f"path {path!r} refused: it contains '..', '.' or an empty component",
             "paths must stay inside the model directory",
         )
+    for part in parts:
+        if len(part.encode()) > MAX_COMPONENT_BYTES:
+            raise ModelError(
+                f"file name '{abbreviated(part)}'{'' if part == path else f' in {abbreviated(path)!r}'} is "
+                f"{len(part.encode())} bytes long, "
+                f"more than the {MAX_COMPONENT_BYTES} bytes a name in a release may have",
+                "shorten it: stores and node caches add a temporary suffix that must still fit in 255 bytes",
+            )
     return path
 
 
@@ -117,6 +158,11 @@ class Manifest:
         self.files = sorted(self.files, key=lambda f: path_sort_key(f.path))
         seen: set[str] = set()
         for f in self.files:
+            if f.path in RESERVED_PATHS:
+                raise ModelError(
+                    f"path {f.path!r} is reserved: weightship writes the release's signature there",
+                    "rename the file; a release cannot carry a file of that name",
+                )
             if f.path in seen:
                 raise ModelError(f"path {f.path!r} appears twice in the manifest")
             seen.add(f.path)

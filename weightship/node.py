@@ -58,12 +58,16 @@ from pathlib import Path
 from typing import Any
 
 from weightship import __version__, refs
+from weightship.blobwriter import TooLarge
 from weightship.errors import (
     IntegrityError,
     NotFoundError,
+    SignatureError,
+    SpaceError,
     StoreError,
     UsageError,
     WeightshipError,
+    write_error,
 )
 from weightship.manifest import Manifest
 from weightship.pack import SIGNATURE_FILE
@@ -75,6 +79,8 @@ STATES = ("absent", "pending", "fetching", "verifying", "ready", "failed", "evic
 ACTIVE = ("pending", "fetching", "verifying")
 # Room kept free beyond the blobs themselves, for directories, links and records.
 RESERVE = 1024 * 1024
+# Allocated in state/reserve, and released to record a failure when the disk is full.
+RECORD_RESERVE = 256 * 1024
 FETCH_WORKERS = 4
 # Blobs fetched from peers wait on their senders more than on this node, so more of
 # them run at once than origin fetches do.
@@ -85,10 +91,6 @@ HOT_CHUNK = 8 * 1024 * 1024
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-class SpaceError(WeightshipError):
-    """The cache cannot hold a release even after evicting what may be evicted."""
 
 
 class _Cancelled(Exception):
@@ -349,16 +351,30 @@ class NodeCache:
     """One node cache. ``policy`` is the node's own trust policy: it is applied to every
     warm whatever the caller asked for, and a caller cannot weaken it."""
 
-    def __init__(self, root: Path | str, *, policy: TrustPolicy | None = None, capacity: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        policy: TrustPolicy | None = None,
+        capacity: int | None = None,
+        file_sources: Path | bool = True,
+    ) -> None:
         self.root = Path(root)
         self.policy = policy or TrustPolicy()
         self.capacity = capacity
+        # Which file:// sources a warm request may name: any (ssh and local nodes, whose
+        # caller already runs code as this user), none, or only files below one directory
+        # (an agent, whose callers hold only its token: its own store).
+        self.file_sources = file_sources
         self.blobs = self.root / "blobs" / "sha256"
         self.models = self.root / "models"
         self.state = self.root / "state"
         self.releases = self.state / "releases"
         self.partial = self.state / "partial"
         self.staging = self.state / "staging"
+        self.quarantine = self.state / "quarantine"
+        # Space held back so that a warm that fills the disk can still record why it failed.
+        self.reserve = self.state / "reserve"
         self.lock_path = self.state / "lock"
         self.arrivals = Arrivals()
 
@@ -368,10 +384,26 @@ class NodeCache:
         try:
             for d in (self.blobs, self.models, self.releases, self.partial, self.staging):
                 d.mkdir(parents=True, exist_ok=True)
+            self._hold_reserve()
         except OSError as e:
             raise UsageError(
                 f"cannot create the cache in {self.root}: {e.strerror}", "check --cache and its permissions"
             ) from None
+
+    def _hold_reserve(self) -> None:
+        """Keep ``state/reserve`` allocated: when a warm fills the disk, it is given back so
+        that the failure (and the records of a repair) can still be written."""
+        try:
+            if _size(self.reserve) >= RECORD_RESERVE:
+                return
+            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RECORD_RESERVE)
+            finally:
+                os.close(fd)
+        except OSError:
+            # No room for it now (the disk is full): the next warm or gc tries again.
+            self.reserve.unlink(missing_ok=True)
 
     def _rel_dir(self, name: str, version: str) -> Path:
         return self.releases / name / version
@@ -571,8 +603,13 @@ class NodeCache:
             rec.update(bytes_total=run.total, verified=False, signer=None, warmed=None, pinned=False)
         if rec.get("state") != "ready":
             rec.update(state="failed", error=str(e), pid=None, run=None)
-            with contextlib.suppress(OSError):
+            try:
                 self._write_record(rec)
+            except OSError:
+                # The disk is full: give back the space held for exactly this, and record.
+                self.reserve.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self._write_record(rec)
         return run.result("failed", error=str(e), retryable=retryable)
 
     def _warm_locked(self, req: WarmRequest, manifest: Manifest, run: _Run, run_id: str) -> dict[str, Any]:
@@ -699,7 +736,7 @@ class NodeCache:
             p["file"] = paths[p["blob"]][0]
             run.progress(run.state, message=f"peer {p['peer']}: {p['error']}; {p['then']}")
 
-        source = Sources(req.source, req.peers, chunk, on_problem)
+        source = Sources(req.source, req.peers, chunk, on_problem, self.file_sources)
         stop = threading.Event()
         fetched = 0
         lock = threading.Lock()
@@ -729,6 +766,10 @@ class NodeCache:
                 n = source.fetch(h, part, missing[h], progress)
                 os.chmod(part, 0o444)
                 os.replace(part, self.blobs / h)
+            except TooLarge as e:
+                raise IntegrityError(
+                    f"{paths[h][0]}: {e.message}", "the source serves other bytes; nothing was changed on this node"
+                ) from None
             except IntegrityError:
                 raise IntegrityError(
                     f"{paths[h][0]}: sha256 mismatch, the copy in the store is corrupt (blob {h[:12]}…)",
@@ -793,8 +834,11 @@ class NodeCache:
         return out
 
     def _materialise(self, name: str, version: str, manifest: Manifest, signature: bytes | None) -> None:
+        from weightship.store.file import write_new_file
+
+        # Staging names carry no release name: NAME-VERSION could pass 255 bytes.
         target = self.models / name / version
-        stage = self.staging / f"{name}-{version}-{uuid.uuid4().hex[:8]}"
+        stage = self.staging / f"release-{uuid.uuid4().hex}"
         tree = stage / "tree"
         for f in manifest.files:
             dst = tree / f.path
@@ -802,8 +846,7 @@ class NodeCache:
             os.link(self.blobs / f.sha256, dst)
         tree.mkdir(parents=True, exist_ok=True)
         if signature is not None:
-            (tree / SIGNATURE_FILE).write_bytes(signature)
-            (tree / SIGNATURE_FILE).chmod(0o444)
+            write_new_file(tree / SIGNATURE_FILE, signature)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_symlink():
             raise UsageError(f"{target} is a tag; a version may not share its name with a tag")
@@ -827,7 +870,7 @@ class NodeCache:
             old = os.readlink(link) if link.is_symlink() else None
             if old == version:
                 continue
-            tmp = self.staging / f"tag-{name}-{t}-{uuid.uuid4().hex[:8]}"
+            tmp = self.staging / f"tag-{uuid.uuid4().hex}"
             os.symlink(version, tmp)
             os.replace(tmp, link)
             if old:
@@ -895,7 +938,7 @@ class NodeCache:
         name, version = rec["name"], rec["version"]
         target = self.models / name / version
         if target.is_dir():
-            trash = self.staging / f"evict-{name}-{version}-{uuid.uuid4().hex[:8]}"
+            trash = self.staging / f"evict-{uuid.uuid4().hex}"
             os.replace(target, trash)
             shutil.rmtree(trash, ignore_errors=True)
         # Recorded first: the blobs it alone used are then unreferenced and go too.
@@ -934,7 +977,8 @@ class NodeCache:
             for r in records:
                 if r["state"] == "ready":
                     by_name.setdefault(r["name"], []).append(r)
-                elif r["state"] == "failed" and (r["name"], r["version"]) not in protected:
+                elif r["state"] in ("failed", *ACTIVE) and (r["name"], r["version"]) not in protected:
+                    # Under the lock no warm runs: an active state is one a killed warm left.
                     victims.append(r)
             kept = []
             for rs in by_name.values():
@@ -952,6 +996,7 @@ class NodeCache:
                 freed = sum(self._evict(r)["freed_bytes"] for r in victims) + self._delete_unreferenced()
                 # Left by a process killed while linking; nothing else uses them under the lock.
                 shutil.rmtree(self.staging, ignore_errors=True)
+                shutil.rmtree(self.quarantine, ignore_errors=True)
                 self.staging.mkdir(parents=True, exist_ok=True)
                 # Logs of detached warms (a running one holds the lock, so none is running).
                 for log in (self.state / "requests").glob("*.log"):
@@ -968,9 +1013,15 @@ class NodeCache:
 
     # -- status --------------------------------------------------------------------
 
-    def status(self, ref: str | None = None, version: str | None = None, digest: str | None = None) -> dict[str, Any]:
+    def status(
+        self, ref: str | None = None, version: str | None = None, digest: str | None = None, *, verify: bool = False
+    ) -> dict[str, Any]:
         """Readiness of one release (``ref`` NAME:TAG or NAME:VERSION; ``version`` and
-        ``digest`` say what the store expects), or of every release when ``ref`` is None."""
+        ``digest`` say what the store expects), or of every release when ``ref`` is None.
+        ``verify`` re-hashes what is ready first (:meth:`verify`): a release whose bytes
+        changed on disk is then reported ``failed`` and no longer served."""
+        if verify:
+            self._verify_ready(ref, version)
         base = {
             "event": "result",
             "op": "status",
@@ -988,6 +1039,21 @@ class NodeCache:
         if r.label is None:
             raise UsageError("node status takes NAME:TAG or NAME:VERSION", "pass the digest with --digest")
         return {**base, **self._release_status(r.name, version, r.label, digest)}
+
+    def _verify_ready(self, ref: str | None, version: str | None) -> None:
+        if ref is None:
+            targets = [(r["name"], r["version"]) for r in self._records() if r["state"] == "ready"]
+        else:
+            r = refs.Ref.parse(ref)
+            if r.label is None:
+                return
+            targets = [(r.name, version or self.tags(r.name).get(r.label, r.label))]
+        for name, v in targets:
+            rec = self._read_record(name, v)
+            if rec and rec.get("state") == "ready":
+                # The damage is recorded, and reported by the status that follows.
+                with contextlib.suppress(IntegrityError, SignatureError):
+                    self.verify(f"{name}:{v}")
 
     def _release_status(self, name: str, version: str | None, label: str | None, digest: str | None) -> dict[str, Any]:
         tags = self.tags(name)
@@ -1072,7 +1138,11 @@ class NodeCache:
 
     def verify(self, ref: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Re-hash a materialised release against its manifest (and the node's policy).
-        A damaged blob is removed and the release marked failed, so the next warm repairs it."""
+
+        Damage is never left serving: a blob that no longer hashes to its name is moved to
+        ``state/quarantine/``, every release that uses it leaves ``models/`` (its tags then
+        lead nowhere rather than to wrong bytes) and is recorded ``failed`` naming the file,
+        and the next warm fetches exactly the blobs that went."""
         from weightship import hashing
         from weightship.release import Release, check_signature
 
@@ -1086,7 +1156,12 @@ class NodeCache:
             manifest = Manifest.from_bytes(data)
             sig_path = rdir / SIGNATURE_FILE
             signature = sig_path.read_bytes() if sig_path.exists() else None
-            signer = check_signature(Release(name, version, manifest, data, signature), self.policy)
+            try:
+                signer = check_signature(Release(name, version, manifest, data, signature), self.policy)
+            except SignatureError as e:
+                # The node's policy no longer admits it (a key was revoked, say): not served.
+                self._withdraw({(name, version)}, f"signature: {e}")
+                raise
             tree = self.models / name / version
             problems = []
             files = {f.path: f for f in manifest.files}
@@ -1097,19 +1172,23 @@ class NodeCache:
             }
             for rel in sorted(set(on_disk) - set(files)):
                 problems.append(f"{rel}: not part of the release")
-            present = [on_disk[p] for p in files if p in on_disk]
             for rel in sorted(set(files) - set(on_disk)):
                 problems.append(f"{rel}: missing")
-            hashed = hashing.sha256_files(present, progress=progress)
+            # The blobs themselves are hashed (each once): a tree file is a hard link to one.
+            blobs = manifest.blobs()
+            hashed = hashing.sha256_files([self.blobs / h for h in blobs if (self.blobs / h).exists()], progress)
+            bad = {h for h in blobs if hashed.get(self.blobs / h, ("",))[0] != h}
             for rel, f in files.items():
-                if rel in on_disk and hashed[on_disk[rel]][0] != f.sha256:
-                    problems.append(f"{rel}: content differs from the manifest (sha256 mismatch)")
-                    (self.blobs / f.sha256).unlink(missing_ok=True)
+                if f.sha256 in bad:
+                    problems.append(f"{rel}: corrupt (its bytes no longer match the signed sha256)")
             if problems:
-                rec.update(state="failed", error=f"verify found damage: {problems[0]}; run warm again to repair")
-                self._write_record(rec)
+                for h in bad:
+                    self._quarantine(h)
+                why = f"corrupt: {problems[0]}"
+                self._withdraw({(name, version)}, why)
                 raise IntegrityError(
-                    f"{name}:{version} in {self.root}: {'; '.join(problems[:3])}", "run warm again to repair"
+                    f"{name}:{version} in {self.root}: {'; '.join(problems[:3])}",
+                    "it is no longer served; run warm again to repair it (only the damaged files are fetched)",
                 )
             return {
                 "event": "result",
@@ -1121,6 +1200,61 @@ class NodeCache:
                 "signer": signer.to_dict() if signer else None,
             }
 
+    def check_blob(self, h: str) -> dict[str, Any]:
+        """Re-hash one blob this node holds, after a peer reported that the copy it got
+        from here did not verify. A blob that is corrupt is quarantined and the releases
+        that use it stop being served (see :meth:`verify`); a sound one is left alone, so a
+        lying reporter costs one re-hash and changes nothing."""
+        from weightship import hashing
+
+        if not _HEX.match(h):
+            raise UsageError(f"{h[:80]!r} is not a sha256 hex digest")
+        with self.lock():
+            path = self.blobs / h
+            if not path.exists():
+                return {"event": "result", "op": "check", "blob": h, "held": False, "corrupt": False}
+            corrupt = hashing.sha256_files([path])[path][0] != h
+            withdrawn: list[str] = []
+            if corrupt:
+                self._quarantine(h)
+                users = {
+                    (r["name"], r["version"])
+                    for r in self._records()
+                    if r["state"] == "ready" and h in (self._manifest(r["name"], r["version"]) or _EMPTY).blobs()
+                }
+                withdrawn = [f"{n}:{v}" for n, v in sorted(users)]
+                self._withdraw(users, f"corrupt: blob {h[:12]}… no longer matches its sha256 (a peer caught it)")
+            return {
+                "event": "result",
+                "op": "check",
+                "blob": h,
+                "held": True,
+                "corrupt": corrupt,
+                "withdrawn": withdrawn,
+            }
+
+    def _quarantine(self, h: str) -> None:
+        """Move a corrupt blob out of ``blobs/`` (kept for a post-mortem, removed by gc)."""
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.blobs / h, self.quarantine / h)
+
+    def _withdraw(self, releases: set[tuple[str, str]], why: str) -> None:
+        """Stop serving releases found damaged: their trees leave ``models/`` (a tag pointing
+        at one then leads nowhere, which a serving process notices, instead of to wrong
+        bytes) and their records say ``failed`` and why. A warm re-materialises them."""
+        for name, version in releases:
+            target = self.models / name / version
+            if target.is_dir() and not target.is_symlink():
+                trash = self.staging / f"withdrawn-{uuid.uuid4().hex}"
+                os.replace(target, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                _fsync_dir(target.parent)
+            rec = self._read_record(name, version)
+            if rec:
+                rec.update(state="failed", error=why, verified=False)
+                self._write_record(rec)
+
     def pin(self, ref: str, pinned: bool = True) -> dict[str, Any]:
         name, version = self._locate(ref)
         with self.lock():
@@ -1128,6 +1262,9 @@ class NodeCache:
             rec["pinned"] = pinned
             self._write_record(rec)
         return {"event": "result", "op": "pin", "name": name, "version": version, "pinned": pinned}
+
+
+_EMPTY = Manifest(files=[])
 
 
 def _last_used(rec: dict[str, Any]) -> float:
@@ -1140,9 +1277,15 @@ def _as_error(e: Exception) -> WeightshipError:
     if isinstance(e, WeightshipError):
         return e
     assert isinstance(e, OSError)
-    what = f"{e.filename or 'node cache'}: {e.strerror or e}"
-    # A full, read-only or forbidden disk stays so on a retry; other I/O errors may not.
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    name = str(e.filename or "node cache")
+    if len(name) > 160:
+        name = f"{name[:100]}…{name[-40:]}"
+    what = f"{name}: {e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return write_error(e, "node cache")
+    # A read-only or forbidden disk stays so on a retry, and so does a name or a file the
+    # file system cannot hold; other I/O errors may not.
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EFBIG):
         return WeightshipError(what)
     return StoreError(what)
 

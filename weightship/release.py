@@ -28,12 +28,13 @@ from weightship.errors import (
     PolicyError,
     SignatureError,
     UsageError,
+    WeightshipError,
 )
 from weightship.manifest import Manifest
 from weightship.progress import Reporter
 from weightship.signing import Signer
 from weightship.store import Store, takes_chunk_crc32
-from weightship.store.file import fsync_dir
+from weightship.store.file import fsync_dir, write_new_file
 from weightship.trust import SignerInfo, TrustPolicy, verify_bundle
 from weightship.verify import compare, safe_ignores
 
@@ -44,7 +45,16 @@ def manifest_key(name: str, version: str) -> str:
     return f"releases/{name}/{version}/manifest.json"
 
 
-def signature_key(name: str, version: str) -> str:
+def signature_key(name: str, version: str, digest: str) -> str:
+    """Where the signature of the manifest with ``digest`` lives. Keyed by the manifest's
+    digest, not by the version alone: two publishers racing for one version each write
+    their own signature, and the one whose manifest wins the exclusive write is the one
+    every reader finds (the loser's is deleted, or left as an orphan prune collects)."""
+    return f"releases/{name}/{version}/sha256-{digest.removeprefix('sha256:')}.sig"
+
+
+def legacy_signature_key(name: str, version: str) -> str:
+    """Where weightship 0.1.0 wrote every signature; still read for releases it published."""
     return f"releases/{name}/{version}/{pack.SIGNATURE_FILE}"
 
 
@@ -123,11 +133,15 @@ def load_release(store: Store, name: str, version: str) -> Release:
     sig = None
     if manifest.signature != "unsigned":
         try:
-            sig = store.read(signature_key(name, version))
+            sig = store.read(signature_key(name, version, digest_of(data)))
         except NotFoundError:
-            raise SignatureError(
-                f"{name}:{version} is marked signed ({manifest.signature}) but its model.sig is missing"
-            ) from None
+            try:
+                sig = store.read(legacy_signature_key(name, version))
+            except NotFoundError:
+                raise SignatureError(
+                    f"{name}:{version} is marked signed ({manifest.signature}) but its signature is missing",
+                    "the store lost an object: re-publish the release under a new version",
+                ) from None
     return Release(name, version, manifest, data, sig)
 
 
@@ -272,13 +286,17 @@ def publish(
         reporter.warn(f"{name}:{version} is published unsigned; pass --key or --sigstore to sign it")
 
     up, skipped, n_up, n_skip = upload_blobs(store, packed, reporter)
-    if bundle is not None:
-        # Written before the manifest: a stale one from an interrupted run is replaced.
-        store.write(signature_key(name, version), bundle)
     data = manifest.to_bytes()
+    sig_key = signature_key(name, version, digest_of(data)) if bundle is not None else None
+    if sig_key is not None:
+        # Written before the manifest, under the manifest's own digest: a reader that finds
+        # the manifest finds the signature made for exactly it, whoever else raced us.
+        store.write(sig_key, bundle)
     try:
         store.write(manifest_key(name, version), data, exclusive=True)
     except ConflictError:
+        if sig_key is not None:
+            _drop_lost_signature(store, name, version, data, sig_key)
         raise ConflictError(
             f"{name}:{version} already exists (published concurrently)",
             "versions are immutable: publish a new version",
@@ -299,6 +317,17 @@ def publish(
         blobs_skipped=n_skip,
         store=store.url,
     )
+
+
+def _drop_lost_signature(store: Store, name: str, version: str, ours: bytes, sig_key: str) -> None:
+    """Delete the signature of a manifest that lost the race for its version, unless the
+    winner wrote the very same manifest (then the key is shared, and it stays)."""
+    try:
+        if store.read(manifest_key(name, version)) == ours:
+            return
+        store.delete(sig_key)
+    except WeightshipError:
+        pass  # an orphan signature is harmless: no manifest names it
 
 
 def _pack_while_opening(
@@ -473,7 +502,7 @@ def pull(
         else:
             os.replace(blobs_dir / f.sha256, target)
     if release.signature is not None:
-        (tree / pack.SIGNATURE_FILE).write_bytes(release.signature)
+        write_new_file(tree / pack.SIGNATURE_FILE, release.signature)
     if sync:
         _sync_tree(tree)
     if dest.exists():

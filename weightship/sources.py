@@ -6,7 +6,6 @@ hashes while writing; a blob is handed back only if its bytes hash to its name.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -15,9 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
+from weightship.blobwriter import BlobWriter, TooLarge, read_capped
 from weightship.errors import IntegrityError, NotFoundError, StoreError, UsageError
-from weightship.hashing import CHUNK
-from weightship.pagecache import write_all
 
 Progress = Callable[[int], None]
 
@@ -55,26 +53,80 @@ def shared_ssl_context() -> Any:
         return _SSL_CONTEXT
 
 
-def open_source(spec: dict[str, Any], chunk: int = URL_CHUNK) -> Source:
-    """``{"urls": {HEX: URL}}`` or ``{"store": URL}``, as a warm request carries it."""
+_PEER_CONTEXT: Any = None
+
+
+def configure_tls_ca(path: Path | str) -> None:
+    """Make the CA certificates in ``path`` (PEM) the only roots a peer's certificate may
+    chain to (``agent serve --tls-ca``): a region's agents serve certificates of a private
+    CA, and a certificate some public CA issued for a peer's address must not pass. Origin
+    URLs (presigned links to public object stores) keep the system's roots."""
+    import ssl
+
+    global _PEER_CONTEXT
+    # PROTOCOL_TLS_CLIENT checks certificates and host names, and trusts no root but ours.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cafile=str(path))
+    except FileNotFoundError:
+        raise UsageError(f"CA file {path} not found") from None
+    except ssl.SSLError as e:  # an OSError too: caught first
+        raise UsageError(f"{path} holds no PEM CA certificate ({e.reason or e})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read CA file {path}: {e.strerror}") from None
+    with _SSL_LOCK:
+        _PEER_CONTEXT = ctx
+
+
+def peer_ssl_context() -> Any:
+    """The TLS context https peers are checked with: the --tls-ca roots, else the shared one."""
+    return _PEER_CONTEXT if _PEER_CONTEXT is not None else shared_ssl_context()
+
+
+def open_source(spec: dict[str, Any], chunk: int = URL_CHUNK, file_sources: Path | bool = True) -> Source:
+    """``{"urls": {HEX: URL}}`` or ``{"store": URL}``, as a warm request carries it.
+    ``file_sources`` says which local files a request may name (NodeCache.file_sources)."""
     if not isinstance(spec, dict):
         raise UsageError("warm request: source must be an object")
     if "urls" in spec:
         urls = spec["urls"]
         if not isinstance(urls, dict) or not all(isinstance(v, str) for v in urls.values()):
             raise UsageError("warm request: source.urls must map sha256 to URL")
-        return UrlSource(urls, chunk)
+        return UrlSource(urls, chunk, file_sources)
     if "store" in spec and isinstance(spec["store"], str):
-        return StoreSource(spec["store"])
+        return StoreSource(spec["store"], file_sources)
     raise UsageError("warm request: source needs urls or store")
+
+
+def check_local_path(path: Path, allowed: Path | bool) -> Path:
+    """``path`` resolved, if a warm request may read it: a node serving callers who hold
+    only its token (an agent) reads local files inside its own store and nowhere else,
+    so a request cannot make it copy ``/dev/zero`` or another user's secrets."""
+    if allowed is True:
+        return path
+    real = Path(os.path.realpath(path))
+    if allowed is False:
+        raise UsageError(
+            f"this node does not read local files ({path}) for a warm request",
+            "start the agent with --store naming the store it may read, or warm with presigned URLs",
+        )
+    root = Path(os.path.realpath(allowed))
+    if real != root and root not in real.parents:
+        raise UsageError(
+            f"{path} is outside this node's store {root}",
+            "warm from the store the agent was started with (--store)",
+        )
+    return real
 
 
 class StoreSource(Source):
     """The node reads the store itself, with its own credentials (``--credentials node``)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, file_sources: Path | bool = True) -> None:
         from weightship.store import open_store
 
+        if file_sources is not True and (url.startswith("file://") or "://" not in url):
+            check_local_path(Path(url.removeprefix("file://")), file_sources)
         self.store = open_store(url)
 
     def fetch(self, hexdigest: str, dest: Path, size: int, progress: Progress) -> int:
@@ -91,9 +143,10 @@ def redact(url: str) -> str:
 
 
 class UrlSource(Source):
-    def __init__(self, urls: dict[str, str], chunk: int = URL_CHUNK) -> None:
+    def __init__(self, urls: dict[str, str], chunk: int = URL_CHUNK, file_sources: Path | bool = True) -> None:
         self.urls = urls
         self.chunk = chunk
+        self.file_sources = file_sources
         self._client = None
         self._lock = threading.Lock()
 
@@ -111,81 +164,73 @@ class UrlSource(Source):
         url = self.urls.get(hexdigest)
         if not url:
             raise UsageError(f"warm request has no URL for blob {hexdigest[:12]}…")
-        h = _Digest()
-        have = _hash_partial(dest, size, h)
-        if have != 0 and have == size and h.hexdigest() == hexdigest:
-            return 0
-        if have == size:
-            h.reset()
-            have = 0
-            dest.unlink(missing_ok=True)
-        if url.startswith("file://"):
-            n = self._fetch_file(url, dest, have, h, progress)
-        elif url.startswith(("http://", "https://")):
-            n = self._fetch_http(url, dest, have, h, progress)
-        else:
-            raise UsageError(f"unsupported blob URL scheme in {redact(url)}")
-        if h.hexdigest() != hexdigest:
-            dest.unlink(missing_ok=True)
-            raise IntegrityError(f"blob {hexdigest[:12]}… from {redact(url)} is corrupt (sha256 mismatch)")
+        with BlobWriter(dest, hexdigest, size) as w:
+            if w.complete:
+                return 0
+            if url.startswith("file://"):
+                n = self._fetch_file(url, w, progress)
+            elif url.startswith(("http://", "https://")):
+                n = self._fetch_http(url, w, progress)
+            else:
+                raise UsageError(f"unsupported blob URL scheme in {redact(url)}")
+            w.check(f" from {redact(url)}")
+            w.flush()
         return n
 
-    def _fetch_file(self, url: str, dest: Path, have: int, h, progress: Progress) -> int:
-        path = Path(unquote(urlsplit(url).path))
+    def _fetch_file(self, url: str, w: BlobWriter, progress: Progress) -> int:
+        path = check_local_path(Path(unquote(urlsplit(url).path)), self.file_sources)
         try:
-            with open(path, "rb", buffering=0) as fin, open(dest, "ab") as fout:
-                fin.seek(have)
-                return _copy(fin.read, fout, h, progress, self.chunk)
+            with open(path, "rb", buffering=0) as fin:
+                fin.seek(w.have)
+                return read_capped(fin.read, w, self.chunk, progress)
         except FileNotFoundError:
             raise NotFoundError(
                 f"{path} not found on this node", "use --credentials node or a store nodes can reach"
             ) from None
+        except TooLarge:
+            raise
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e.strerror}") from None
 
-    def _fetch_http(self, url: str, dest: Path, have: int, h, progress: Progress, hops: int = 0) -> int:
+    def _fetch_http(self, url: str, w: BlobWriter, progress: Progress, hops: int = 0) -> int:
         """GET the rest of the blob with http.client, read into one reused buffer: the
         same loop as a peer transfer, for the same reason (see Sources._from_peer).
         httpx takes over where the environment names a proxy, which it knows how to use."""
         import http.client
 
         if uses_proxy(url):
-            return self._fetch_httpx(url, dest, have, h, progress)
+            return self._fetch_httpx(url, w, progress)
         u = urlsplit(url)
         conn = _connection(u, URL_TIMEOUT)
         try:
-            conn.request("GET", u.path + (f"?{u.query}" if u.query else ""), headers=_range(have))
+            conn.request("GET", u.path + (f"?{u.query}" if u.query else ""), headers=_range(w.have))
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location") and hops < 5:
-                return self._fetch_http(
-                    urljoin(url, resp.getheader("Location") or ""), dest, have, h, progress, hops + 1
-                )
-            if resp.status == 200 and have:
+                return self._fetch_http(urljoin(url, resp.getheader("Location") or ""), w, progress, hops + 1)
+            if resp.status == 200 and w.have:
                 # The server ignored the range: start again rather than append twice.
-                dest.unlink(missing_ok=True)
-                h.reset()
+                w.restart()
             elif resp.status not in (200, 206):
                 raise _http_error(resp.status, url)
             buf = bytearray(self.chunk)
             view = memoryview(buf)
-            with open(dest, "ab") as fout:
-                return _copy(lambda _n: view[: resp.readinto(view)], fout, h, progress, self.chunk)
+            return read_capped(lambda n: view[: resp.readinto(view[:n])], w, self.chunk, progress)
         except (OSError, http.client.HTTPException) as e:
             raise StoreError(f"fetching {redact(url)} failed: {type(e).__name__}: {e}") from None
         finally:
             conn.close()
 
-    def _fetch_httpx(self, url: str, dest: Path, have: int, h, progress: Progress) -> int:
+    def _fetch_httpx(self, url: str, w: BlobWriter, progress: Progress) -> int:
         import httpx
 
         try:
-            with self._http().stream("GET", url, headers=_range(have)) as resp:
-                if resp.status_code == 200 and have:
-                    dest.unlink(missing_ok=True)
-                    h.reset()
+            with self._http().stream("GET", url, headers=_range(w.have)) as resp:
+                if resp.status_code == 200 and w.have:
+                    w.restart()
                 elif resp.status_code not in (200, 206):
                     raise _http_error(resp.status_code, url)
-                with open(dest, "ab") as fout:
-                    it = resp.iter_raw(self.chunk)
-                    return _copy(lambda _n: next(it, b""), fout, h, progress, self.chunk)
+                it = resp.iter_raw(self.chunk)
+                return read_capped(lambda _n: next(it, b""), w, self.chunk, progress)
         except httpx.HTTPError as e:
             raise StoreError(f"fetching {redact(url)} failed: {type(e).__name__}: {e}") from None
 
@@ -194,12 +239,14 @@ class UrlSource(Source):
             self._client.close()
 
 
-def _connection(u: SplitResult, timeout: float) -> Any:
-    """An unopened http.client connection to ``u``'s host, TLS verified with the shared context."""
+def _connection(u: SplitResult, timeout: float, context: Any = None) -> Any:
+    """An unopened http.client connection to ``u``'s host, TLS verified with ``context``
+    (default: the shared context)."""
     import http.client
 
     if u.scheme == "https":
-        return http.client.HTTPSConnection(u.hostname or "", u.port, timeout=timeout, context=shared_ssl_context())
+        ctx = context or shared_ssl_context()
+        return http.client.HTTPSConnection(u.hostname or "", u.port, timeout=timeout, context=ctx)
     return http.client.HTTPConnection(u.hostname or "", u.port, timeout=timeout)
 
 
@@ -222,54 +269,6 @@ def _http_error(status: int, url: str) -> StoreError:
     if status in (401, 403):
         return StoreError(f"{redact(url)} refused the request ({status}): the presigned URL expired or is wrong")
     return StoreError(f"{redact(url)} returned HTTP {status}")
-
-
-class _Digest:
-    """sha256 that can start over (when a server ignores a Range request)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._h = hashlib.sha256()
-
-    def update(self, data: bytes) -> None:
-        self._h.update(data)
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
-def _hash_partial(dest: Path, size: int, h) -> int:
-    """Hash what an interrupted fetch left, so resuming never reads the source twice."""
-    try:
-        with open(dest, "rb", buffering=0) as part:
-            have = _copy(part.read, None, h, None)
-    except FileNotFoundError:
-        return 0
-    if have > size:
-        dest.unlink()
-        h.reset()
-        return 0
-    return have
-
-
-def _copy(read: Callable[[int], bytes], dst, h, progress: Progress | None, chunk: int = CHUNK) -> int:
-    n = 0
-    while True:
-        data = read(chunk)
-        if not data:
-            break
-        h.update(data)
-        if dst is not None:
-            write_all(dst, data)
-        n += len(data)
-        if progress:
-            progress(len(data))
-    if dst is not None:
-        dst.flush()
-        os.fsync(dst.fileno())
-    return n
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -309,8 +308,9 @@ class Sources:
         peers: dict[str, Any] | None,
         chunk: int = URL_CHUNK,
         on_problem: Callable[[dict[str, Any]], None] | None = None,
+        file_sources: Path | bool = True,
     ) -> None:
-        self.origin = open_source(spec, chunk)
+        self.origin = open_source(spec, chunk, file_sources)
         self.nodes: dict[str, dict[str, str]] = dict((peers or {}).get("nodes") or {})
         self.blobs: dict[str, list[str]] = dict((peers or {}).get("blobs") or {})
         self.chunk = chunk
@@ -337,53 +337,47 @@ class Sources:
         names = self.peers_for(hexdigest)
         if not names:
             return self._from_origin(hexdigest, dest, size, progress)
-        h = _Digest()
-        have = _hash_partial(dest, size, h)
-        if have == size and h.hexdigest() == hexdigest:
-            return 0
-        if have == size:
-            dest.unlink(missing_ok=True)
-            h.reset()
-            have = 0
-        # Bytes already in the file that no source of this call sent (an earlier warm's).
-        inherited = have
         got = 0
         senders: list[str] = []
-        queue = list(names)
-        while queue:
-            name = queue[0]
-            with self._lock:
-                if name in self._left:
+        with BlobWriter(dest, hexdigest, size) as w:
+            if w.complete:
+                return 0
+            # Bytes already in the file that no source of this call sent (an earlier warm's).
+            inherited = w.have
+            queue = list(names)
+            while queue:
+                name = queue[0]
+                with self._lock:
+                    if name in self._left:
+                        queue.pop(0)
+                        continue
+                nxt = next((n for n in queue[1:] if n not in self._left), "the origin")
+                try:
+                    n = self._from_peer(name, hexdigest, w, progress)
+                except _PeerError as e:
+                    got += e.appended
+                    if e.appended and name not in senders:
+                        senders.append(name)
+                    self._problem(name, hexdigest, e.reason, leave=e.leave, then=f"going on from {nxt}")
                     queue.pop(0)
                     continue
-            nxt = next((n for n in queue[1:] if n not in self._left), "the origin")
-            try:
-                n = self._from_peer(name, hexdigest, dest, size, have, h, progress)
-            except _PeerError as e:
-                have += e.appended
-                got += e.appended
-                if e.appended and name not in senders:
+                got += n
+                if n and name not in senders:
                     senders.append(name)
-                self._problem(name, hexdigest, e.reason, leave=e.leave, then=f"going on from {nxt}")
-                queue.pop(0)
-                continue
-            have += n
-            got += n
-            if n and name not in senders:
-                senders.append(name)
-            if h.hexdigest() == hexdigest:
-                return got
-            dest.unlink(missing_ok=True)
-            h.reset()
-            have = 0
-            if inherited and senders == [name]:
-                # What an earlier warm left may be what is wrong: the same peer once more, whole.
-                inherited = 0
+                if w.complete:
+                    w.flush()
+                    return got
+                w.restart()
+                if inherited and senders == [name]:
+                    # What an earlier warm left may be what is wrong: the same peer once more, whole.
+                    inherited = 0
+                    senders = []
+                    continue
+                self._blame(senders, hexdigest, then=f"fetching the blob again, whole, from {nxt}")
                 senders = []
-                continue
-            self._blame(senders, hexdigest, then=f"fetching the blob again, whole, from {nxt}")
-            senders = []
-            queue.pop(0)
+                queue.pop(0)
+            # What peers appended stays for the origin to go on from.
+            w.flush()
         try:
             return got + self._from_origin(hexdigest, dest, size, progress)
         except IntegrityError:
@@ -403,6 +397,7 @@ class Sources:
         for s in senders:
             if len(senders) == 1:
                 self._problem(s, hexdigest, "served bytes that do not match the signed sha256", corrupt=True, then=then)
+                self._report_corrupt(s, hexdigest)
             else:
                 others = ", ".join(x for x in senders if x != s)
                 self._problem(s, hexdigest, f"sent part of a copy that did not verify (with {others})", then=then)
@@ -426,9 +421,26 @@ class Sources:
         if self.on_problem:
             self.on_problem(p)
 
-    def _from_peer(self, name: str, hexdigest: str, dest: Path, size: int, have: int, h, progress: Progress) -> int:
-        """Append what the peer has of the blob, from ``have`` on, to ``dest``; return the
-        bytes appended, or raise _PeerError saying how many were appended before it failed.
+    def _report_corrupt(self, name: str, hexdigest: str) -> None:
+        """Tell a peer that the copy it served did not verify, so that it re-hashes its own
+        (and quarantines it if the bit rot is there, not on the wire). Best effort: the
+        peer answers at once and checks in the background; its answer changes nothing here."""
+        import http.client
+
+        peer = self.nodes[name]
+        u = urlsplit(f"{peer['url'].rstrip('/')}/v1/blobs/sha256/{hexdigest}/check")
+        conn = _connection(u, 5.0, peer_ssl_context())
+        try:
+            conn.request("POST", u.path, headers={"Authorization": f"Bearer {peer['token']}"})
+            conn.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            conn.close()
+
+    def _from_peer(self, name: str, hexdigest: str, w: BlobWriter, progress: Progress) -> int:
+        """Append what the peer has of the blob to ``w``; return the bytes appended, or
+        raise _PeerError saying how many were appended before it failed.
 
         The standard library's http.client, reading into one reused buffer, rather than
         httpx: measured on loopback it spends 0.44 CPU-seconds per GiB against httpx's 3.7,
@@ -442,12 +454,13 @@ class Sources:
         view = memoryview(buf)
         appended = 0
         delay = QUEUED_POLL[0]
+        size = w.size
         while True:
-            pos = have + appended
+            pos = w.have
             headers = {"Authorization": f"Bearer {peer['token']}"}
             if pos:
                 headers["Range"] = f"bytes={pos}-"
-            conn = _connection(u, PEER_READ_TIMEOUT)
+            conn = _connection(u, PEER_READ_TIMEOUT, peer_ssl_context())
             try:
                 try:
                     conn.request("GET", target, headers=headers)
@@ -471,28 +484,25 @@ class Sources:
                     raise _PeerError(f"answered HTTP {status}", appended)
                 if pos and not (resp.getheader("Content-Range") or "").startswith(f"bytes {pos}-"):
                     raise _PeerError("answered another range than the one asked for", appended)
-                with open(dest, "ab") as out:
-                    while True:
-                        try:
-                            k = resp.readinto(view)
-                        except TimeoutError:
-                            raise _PeerError(f"sent nothing for {PEER_READ_TIMEOUT:g}s", appended) from None
-                        except (OSError, http.client.HTTPException) as e:
-                            raise _PeerError(f"failed ({type(e).__name__}: {e})", appended) from None
-                        if not k:
-                            break
-                        if pos + k > size:
-                            raise _PeerError("sent more bytes than the blob has", appended)
-                        data = view[:k]
-                        h.update(data)
-                        write_all(out, data)
-                        appended += k
-                        pos += k
-                        with self._lock:
-                            self.from_peers[name] = self.from_peers.get(name, 0) + k
-                        progress(k)
-                    out.flush()
-                    os.fsync(out.fileno())
+                while True:
+                    try:
+                        k = resp.readinto(view)
+                    except TimeoutError:
+                        raise _PeerError(f"sent nothing for {PEER_READ_TIMEOUT:g}s", appended) from None
+                    except (OSError, http.client.HTTPException) as e:
+                        raise _PeerError(f"failed ({type(e).__name__}: {e})", appended) from None
+                    if not k:
+                        break
+                    try:
+                        w.append(view[:k])
+                    except TooLarge:
+                        raise _PeerError("sent more bytes than the blob has", appended) from None
+                    appended += k
+                    pos += k
+                    with self._lock:
+                        self.from_peers[name] = self.from_peers.get(name, 0) + k
+                    progress(k)
+                w.flush()
             finally:
                 conn.close()
             if pos < size:

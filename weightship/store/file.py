@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from weightship.blobwriter import BlobWriter, Busy, TooLarge, read_capped
 from weightship.errors import ConflictError, IntegrityError, NotFoundError, StoreError
 from weightship.hashing import CHUNK
 from weightship.manifest import check_relpath
-from weightship.pagecache import write_all
 from weightship.store.base import Progress, Store, blob_key
+
+# Uploads in flight, and interrupted ones a re-run resumes (readers skip them).
+PARTIAL_PREFIX = ".partial-"
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,6 +37,19 @@ def atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     commit(tmp, path, exclusive=exclusive)
 
 
+def write_new_file(path: Path, data: bytes, mode: int = 0o444) -> None:
+    """Write ``data`` as a new file at ``path`` by renaming a temp file over it: whatever
+    ``path`` was (a hard link to a blob, say), it is replaced, never written through."""
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:12]}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def commit(tmp: Path, path: Path, *, exclusive: bool) -> None:
     try:
         if exclusive:
@@ -50,21 +65,6 @@ def commit(tmp: Path, path: Path, *, exclusive: bool) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def copy_hashing(src, dst, h, progress: Progress | None) -> int:
-    n = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    while True:
-        k = src.readinto(buf)
-        if not k:
-            return n
-        h.update(view[:k])
-        write_all(dst, view[:k])
-        n += k
-        if progress:
-            progress(k)
 
 
 class FileStore(Store):
@@ -101,7 +101,7 @@ class FileStore(Store):
         out = []
         for dirpath, _, files in os.walk(base):
             for f in files:
-                if f.startswith(".tmp-"):
+                if f.startswith((".tmp-", PARTIAL_PREFIX)):
                     continue
                 out.append((Path(dirpath) / f).relative_to(self.root).as_posix())
         return sorted(out)
@@ -123,60 +123,79 @@ class FileStore(Store):
         if final.exists():
             return 0
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{hexdigest}-{uuid.uuid4().hex[:12]}"
-        h = hashlib.sha256()
         try:
-            with open(src, "rb", buffering=0) as fin, open(tmp, "wb") as fout:
-                n = copy_hashing(fin, fout, h, progress)
-                fout.flush()
-                os.fsync(fout.fileno())
-            if h.hexdigest() != hexdigest:
-                raise IntegrityError(
-                    f"{src} changed while publishing (sha256 now {h.hexdigest()[:12]}…)",
-                    "re-run publish once the file is stable",
-                )
-            tmp.chmod(0o444)
-            # ConflictError: another writer stored the same content first, which is fine.
-            with contextlib.suppress(ConflictError):
-                commit(tmp, final, exclusive=True)
-            return n
+            with self._partial(hexdigest, size) as w:
+                if final.exists():
+                    # Another publisher committed it while this one waited for the lock.
+                    w.discard()
+                    return 0
+                if not w.complete:
+                    n = self._append_from(src, w, progress)
+                    if not w.complete and w.have == size and n < size:
+                        # What an earlier run left is not this file's prefix: once more, whole.
+                        w.restart()
+                        n = self._append_from(src, w, progress)
+                    if not w.complete:
+                        raise IntegrityError(
+                            f"{src} changed while publishing (sha256 now {w.digest()[:12]}…)",
+                            "re-run publish once the file is stable",
+                        )
+                else:
+                    n = 0
+                w.commit(final, exclusive=True)
+                return n
+        except TooLarge:
+            raise IntegrityError(
+                f"{src} grew while publishing (more than {size} bytes)", "re-run publish once the file is stable"
+            ) from None
         except OSError as e:
             raise StoreError(f"cannot store blob {hexdigest[:12]} in {self.url}: {e.strerror}") from None
+
+    @contextlib.contextmanager
+    def _partial(self, hexdigest: str, size: int) -> Iterator[BlobWriter]:
+        """The partial file of a blob upload: ``.partial-HEX`` beside the blobs, kept when
+        a publish is interrupted so that the next run resumes inside the blob. A second
+        publisher of the same blob at the same moment (the first holds a lock on it) writes
+        a temporary file of its own instead, removed whatever happens."""
+        d = self._path(blob_key(hexdigest)).parent
+        try:
+            w = BlobWriter(d / f"{PARTIAL_PREFIX}{hexdigest}", hexdigest, size).open(lock=True)
+        except Busy:
+            w = BlobWriter(d / f".tmp-{hexdigest}-{uuid.uuid4().hex[:12]}", hexdigest, size).open()
+            try:
+                yield w
+            finally:
+                w.discard()
+            return
+        try:
+            yield w
         finally:
-            tmp.unlink(missing_ok=True)
+            w.close()
+
+    @staticmethod
+    def _append_from(src: Path, w: BlobWriter, progress: Progress | None) -> int:
+        with open(src, "rb", buffering=0) as fin:
+            fin.seek(w.have)
+            return read_capped(fin.read, w, CHUNK, progress)
 
     def get_blob(
         self, hexdigest: str, dest: Path, size: int, progress: Progress | None = None, *, sync: bool = True
     ) -> int:
         src = self._path(blob_key(hexdigest))
-        h = hashlib.sha256()
-        have = 0
         try:
-            if dest.exists():
-                with open(dest, "rb", buffering=0) as part:
-                    have = copy_hashing(part, _Null(), h, None)
-                if have > size:
-                    dest.unlink()
-                    h, have = hashlib.sha256(), 0
-            with open(src, "rb", buffering=0) as fin, open(dest, "ab") as fout:
-                fin.seek(have)
-                n = copy_hashing(fin, fout, h, progress)
-                fout.flush()
-                if sync:
-                    os.fsync(fout.fileno())
+            with BlobWriter(dest, hexdigest, size, sync=sync) as w:
+                if w.complete:
+                    return 0
+                with open(src, "rb", buffering=0) as fin:
+                    fin.seek(w.have)
+                    n = read_capped(fin.read, w, CHUNK, progress)
+                w.check(f" in {self.url}")
+                w.flush()
+                return n
         except FileNotFoundError:
             raise NotFoundError(f"blob {hexdigest[:12]}… missing from {self.url}") from None
         except OSError as e:
             raise StoreError(f"cannot read blob {hexdigest[:12]}… from {self.url}: {e.strerror}") from None
-        if h.hexdigest() != hexdigest:
-            dest.unlink(missing_ok=True)
-            raise IntegrityError(f"blob {hexdigest[:12]}… in {self.url} is corrupt (sha256 mismatch)")
-        return n
 
     def blob_url(self, hexdigest: str, expires: int = 3600) -> str | None:
         return f"file://{self._path(blob_key(hexdigest)).resolve()}"
-
-
-class _Null:
-    def write(self, data) -> int:
-        return len(data)

@@ -44,8 +44,9 @@ class Transport(ABC):
 
     @abstractmethod
     async def status(
-        self, ref: str | None = None, version: str | None = None, digest: str | None = None
-    ) -> dict[str, Any]: ...
+        self, ref: str | None = None, version: str | None = None, digest: str | None = None, *, verify: bool = False
+    ) -> dict[str, Any]:
+        """The node's status document; ``verify`` re-hashes ready releases first."""
 
     @abstractmethod
     async def gc(self, keep: int, dry_run: bool) -> dict[str, Any]: ...

@@ -64,9 +64,9 @@ class LocalTransport(Transport):
         raise NodeFailed(err[-1] if err else f"node warm exited with {proc.returncode}")
 
     async def status(
-        self, ref: str | None = None, version: str | None = None, digest: str | None = None
+        self, ref: str | None = None, version: str | None = None, digest: str | None = None, *, verify: bool = False
     ) -> dict[str, Any]:
-        return await _in_thread(lambda: self.cache.status(ref, version, digest))
+        return await _in_thread(lambda: self.cache.status(ref, version, digest, verify=verify))
 
     async def gc(self, keep: int, dry_run: bool) -> dict[str, Any]:
         return await _in_thread(lambda: self.cache.gc(keep, dry_run))
