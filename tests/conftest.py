@@ -91,7 +91,7 @@ def s3_store_url(s3_server, monkeypatch) -> str:
     import os
 
     for name in list(os.environ):
-        if name.startswith(("AWS_", "WEIGHTSHIP_S3_")):
+        if name.startswith("AWS_"):
             monkeypatch.delenv(name)
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)

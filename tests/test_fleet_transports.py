@@ -93,7 +93,7 @@ def _start_s3(root: Path):
         from tests.servers import start_seaweed, weed_binary
 
         weed_binary()
-        import weightship.store.s3  # noqa: F401 - the S3 store must exist too
+        import weightship.store.object  # noqa: F401 - the object store must exist too
     except (ImportError, RuntimeError):
         return None, None
     s3 = start_seaweed(root)

@@ -128,7 +128,11 @@ def build_policy(
 
 # Option types shared by several commands.
 StoreOpt = Annotated[
-    str | None, typer.Option("--store", help="Store URL: file://PATH or s3://BUCKET/PREFIX (env WEIGHTSHIP_STORE).")
+    str | None,
+    typer.Option(
+        "--store",
+        help="Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON document.")]
 GithubOpt = Annotated[
@@ -344,10 +348,6 @@ def publish(
     exclude: Annotated[
         list[str] | None, typer.Option("--exclude", help="hf:// only: glob of Hub files to leave out; repeatable.")
     ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option("--concurrency", min=1, max=64, help="S3 parts in flight at once, across all blobs (default 8)."),
-    ] = None,
     rehash: Annotated[
         bool,
         typer.Option("--rehash", help="Hash every file, even those the digest cache knows unchanged."),
@@ -361,8 +361,6 @@ def publish(
 
     # Checked before any work, so that a misplaced --output-github costs no upload.
     to_github = github.enabled(output_github)
-    if concurrency:
-        os.environ["WEIGHTSHIP_S3_CONCURRENCY"] = str(concurrency)
     signer = make_signer(
         ctx, key, key_password, cert_chain, sigstore, identity_token, staging, trust_config, required=False
     )

@@ -42,7 +42,7 @@ def _is_text(v: Any) -> bool:
 
 def _is_store_url(v: Any) -> bool:
     # A bare path is a file store too (open_store accepts it); any other scheme is not a store.
-    return _is_text(v) and ("://" not in v or v.startswith(("file://", "s3://")))
+    return _is_text(v) and ("://" not in v or v.startswith(("file://", "s3://", "az://")))
 
 
 def _is_paths(v: Any) -> bool:
@@ -66,7 +66,11 @@ _PATHS = Expect('a list of paths, e.g. ["keys/release.pub"]', _is_paths)
 # Each table of weightship.toml and the keys it may hold. [regions] and [fleet] are the
 # fleet, whose schema (region and node keys) weightship.fleet owns: see FLEET_TABLES.
 SCHEMA: dict[str, dict[str, Expect]] = {
-    "store": {"url": Expect('a store URL, e.g. "s3://bucket/prefix" or "file:///srv/weights"', _is_store_url)},
+    "store": {
+        "url": Expect(
+            'a store URL, e.g. "s3://bucket/prefix", "az://container/prefix" or "file:///srv/weights"', _is_store_url
+        )
+    },
     "signing": {"key": Expect('the path of a PEM private key, e.g. "keys/release.pem"', _is_text)},
     "policy": {
         "keys": _PATHS,

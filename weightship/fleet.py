@@ -182,8 +182,8 @@ def parse_fleet(data: dict[str, Any], path: Path | None, text: str = "") -> Flee
                 raise where.error(table, None, key, f"unknown field (known: {', '.join(sorted(REGION_KEYS))})")
         store = rdata.get("store")
         if store is not None:
-            if not isinstance(store, str) or not (store.startswith(("s3://", "file://"))):
-                raise where.error(table, None, "store", f"{store!r} is not a store URL (s3://… or file://…)")
+            if not isinstance(store, str) or not (store.startswith(("s3://", "az://", "file://"))):
+                raise where.error(table, None, "store", f"{store!r} is not a store URL (s3://…, az://… or file://…)")
             if store.startswith("file://") and not Path(store[7:]).is_absolute():
                 store = "file://" + str(base / store[7:])
         region_ca = rdata.get("ca")

@@ -2,10 +2,9 @@
 updates): the sha256 that names a file's blob and, on request, a CRC32 of every
 ``CRC_CHUNK`` bytes read in the same pass.
 
-The CRC32s are what a publish to S3 sends with each multipart part, which the server
-verifies: :func:`part_crc32s` combines them into the CRC32 of any part whose size is a
-multiple of ``CRC_CHUNK``, so that the upload sends the bytes that were hashed without
-hashing them again (see docs/format.md).
+The CRC32s let a publish to an object store, which reads each file a second time to
+send it, check that it sends the bytes that were hashed without computing their sha256
+again (weightship.store.object, docs/format.md).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import hashlib
 import os
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,72 +104,6 @@ def sha256_files(
 ) -> dict[Path, tuple[str, int]]:
     """Hash many files at once: (hex digest, size) of each."""
     return {p: (d.sha256, d.size) for p, d in digest_files(paths, progress, workers, cancel).items()}
-
-
-# -- CRC32 arithmetic ----------------------------------------------------------------------
-# zlib computes crc32_combine but Python's binding does not expose it; these are zlib's
-# own multmodp and x2nmodp (crc32.c, zlib 1.2.12+): polynomials over GF(2), reflected.
-
-_POLY = 0xEDB88320
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a(x) * b(x) modulo the CRC-32 polynomial."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-
-
-def _x2n_table() -> list[int]:
-    p, table = 1 << 30, []  # x^1
-    for _ in range(32):
-        table.append(p)
-        p = _multmodp(p, p)
-    return table
-
-
-_X2N = _x2n_table()
-
-
-def _x8nmodp(n: int) -> int:
-    """x^(8n) modulo the polynomial: appending n zero bytes, as an operator."""
-    p, k = 1 << 31, 3  # x^0; 2^3 bits per byte
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return p
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC32 of A+B from crc32(A), crc32(B) and len(B)."""
-    return _multmodp(_x8nmodp(len2), crc1) ^ crc2
-
-
-def part_crc32s(chunk_crc32: Sequence[int], size: int, part_size: int) -> list[int] | None:
-    """The CRC32 of every ``part_size`` bytes of a file of ``size`` bytes, from the CRC32s
-    of its ``CRC_CHUNK``-byte chunks; None when parts do not fall on chunk boundaries or
-    the chunks do not cover the file."""
-    if part_size % CRC_CHUNK or len(chunk_crc32) != -(-size // CRC_CHUNK):
-        return None
-    per = part_size // CRC_CHUNK
-    whole = _x8nmodp(CRC_CHUNK)
-    last = len(chunk_crc32) - 1
-    out = []
-    for first in range(0, len(chunk_crc32), per):
-        crc = chunk_crc32[first]
-        for i in range(first + 1, min(first + per, last + 1)):
-            # Every chunk is whole but the file's last, which may be shorter.
-            shift = whole if i < last else _x8nmodp(size - last * CRC_CHUNK)
-            crc = _multmodp(shift, crc) ^ chunk_crc32[i]
-        out.append(crc)
-    return out
 
 
 class HashingWriter:

@@ -8,29 +8,33 @@ from weightship.errors import UsageError
 from weightship.store.base import Store, blob_key
 
 DEFAULT_STORE = "file://.weightship/store"
+OBJECT_SCHEMES = ("s3://", "az://")
 
 __all__ = ["DEFAULT_STORE", "Store", "blob_key", "open_store", "takes_chunk_crc32"]
 
 
 def takes_chunk_crc32(url: str | None = None) -> bool:
-    """Whether the store at ``url`` uploads with chunk CRC32s (see Store.put_blob), so
-    that publish can record them while hashing, before the store is opened."""
-    return (url or DEFAULT_STORE).startswith("s3://")
+    """Whether the store at ``url`` checks uploads against chunk CRC32s (see
+    Store.put_blob), so that publish records them while hashing, before the store is
+    opened: object stores read each file a second time to send it."""
+    return (url or DEFAULT_STORE).startswith(OBJECT_SCHEMES)
 
 
 def open_store(url: str | None = None) -> Store:
-    """Open ``file://PATH`` (relative paths allowed) or ``s3://BUCKET[/PREFIX]``."""
+    """Open ``file://PATH`` (relative paths allowed), ``s3://BUCKET[/PREFIX]`` or
+    ``az://CONTAINER[/PREFIX]``. obstore (and boto3) are imported only here, for an
+    object store: commands that touch no store load neither."""
     url = url or DEFAULT_STORE
     if url.startswith("file://"):
         from weightship.store.file import FileStore
 
         return FileStore(Path(url[len("file://") :]))
-    if url.startswith("s3://"):
-        from weightship.store.s3 import S3Store
+    if url.startswith(OBJECT_SCHEMES):
+        from weightship.store.object import ObjectStore
 
-        return S3Store.from_url(url)
+        return ObjectStore.from_url(url)
     if "://" not in url:
         from weightship.store.file import FileStore
 
         return FileStore(Path(url))
-    raise UsageError(f"unsupported store URL {url!r}", "use file://PATH or s3://BUCKET/PREFIX")
+    raise UsageError(f"unsupported store URL {url!r}", "use file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX")

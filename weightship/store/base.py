@@ -56,12 +56,11 @@ class Store(ABC):
     ) -> int:
         """Upload a file as a blob unless the store has it; return bytes sent.
 
-        The file is hashed while it is sent; if it no longer matches ``hexdigest`` the
-        upload is abandoned with IntegrityError and nothing becomes visible. A store that
-        takes them (weightship.store.takes_chunk_crc32) may instead send the bytes with
-        checksums derived from ``chunk_crc32`` (hashing.CRC_CHUNK-byte CRC32s read in the
-        same pass as ``hexdigest``), which its server verifies: bytes that changed since
-        they were hashed are refused just the same."""
+        The bytes sent are checked against what was hashed, and if they are not the ones
+        that hash to ``hexdigest`` the upload is abandoned with IntegrityError and nothing
+        becomes visible. ``chunk_crc32`` (the CRC32 of each hashing.CRC_CHUNK bytes, read in
+        the same pass as ``hexdigest``) lets a store that reads the file again check it
+        chunk by chunk instead of hashing it a second time."""
 
     @abstractmethod
     def get_blob(

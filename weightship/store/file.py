@@ -186,9 +186,13 @@ class FileStore(Store):
             with BlobWriter(dest, hexdigest, size, sync=sync) as w:
                 if w.complete:
                     return 0
-                with open(src, "rb", buffering=0) as fin:
-                    fin.seek(w.have)
-                    n = read_capped(fin.read, w, CHUNK, progress)
+                try:
+                    with open(src, "rb", buffering=0) as fin:
+                        fin.seek(w.have)
+                        n = read_capped(fin.read, w, CHUNK, progress)
+                except (TooLarge, FileNotFoundError):
+                    w.discard()  # the store's copy is wrong, or not there: keep nothing of it
+                    raise
                 w.check(f" in {self.url}")
                 w.flush()
                 return n
