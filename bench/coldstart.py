@@ -119,7 +119,7 @@ def measure(args: argparse.Namespace, work: Path, region: Region) -> int:
         env.update(s3.env())
         env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
         ws = [sys.executable, "-m", "weightship"]
-        from weightship.signing import generate_key
+        from weightship.trust.signers import generate_key
 
         key = work / "release.pem"
         pub = generate_key(key)

@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             proxy = s3.proxy()
         bucket = s3.create_bucket("bench")
         store = f"s3://{bucket}/fanout"
-        from weightship import release, signing
+        from weightship import release
         from weightship.store import open_store
+        from weightship.trust import signers as signing
 
         key = work_root / "release.pem"
         pub = signing.generate_key(key)

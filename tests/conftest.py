@@ -58,7 +58,7 @@ def small_model(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def keypair(tmp_path: Path) -> tuple[Path, Path]:
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     key = tmp_path / "keys" / "release.pem"
     key.parent.mkdir()

@@ -289,8 +289,9 @@ def start_agent(
 
 
 def publish(model: Path, ref: str, store_url: str, key: Path | None = None, tags: Iterable[str] = ()) -> Any:
-    from weightship import release, signing
+    from weightship import release
     from weightship.store import open_store
+    from weightship.trust import signers as signing
 
     st = open_store(store_url)
     try:

@@ -39,7 +39,7 @@ from tests.fleetkit import (
 )
 from tests.helpers import error_line, run_cli
 from tests.servers import free_port
-from weightship.agent import peer_token
+from weightship.node.serve_http import peer_token
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Lab:
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     root = tmp_path_factory.mktemp("tls")
     key = root / "release.pem"

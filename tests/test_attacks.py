@@ -75,8 +75,8 @@ def _node_warm(cache: Path, req: dict[str, Any], *extra: str, timeout: float = 1
 
 def _request_for(store_url: str, ref: str, **kw: Any) -> dict[str, Any]:
     from weightship import release
+    from weightship.fleet.orchestrate import build_request
     from weightship.store import open_store
-    from weightship.warm import build_request
 
     st = open_store(store_url)
     try:
@@ -129,9 +129,10 @@ def any_store(request, tmp_path: Path) -> str:
 
 
 def test_racing_publishers_never_leave_a_signature_that_does_not_match(any_store, tmp_path, keypair) -> None:
-    from weightship import release, signing
+    from weightship import release
     from weightship.errors import ConflictError
     from weightship.store import Store, open_store
+    from weightship.trust import signers as signing
 
     key, pub = keypair
     a, b = model(tmp_path, 1), model(tmp_path, 2)

@@ -21,11 +21,11 @@ import pytest
 import typer
 
 from tests.helpers import require
-from weightship import completions
+from weightship.cli import completions
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "completions"
-STALE = "completions are stale: run python -m weightship.completions completions/"
+STALE = "completions are stale: run python -m weightship.cli.completions completions/"
 
 SYNTAX_CHECK = {"bash": ["bash", "-n"], "zsh": ["zsh", "-n"], "fish": ["fish", "--no-execute"]}
 
@@ -80,7 +80,7 @@ def test_render_is_deterministic_and_portable() -> None:
 def test_module_entry_point_writes_the_three_files(tmp_path: Path, seed: str) -> None:
     # Different hash seeds: set iteration order must not leak into the output.
     env = {**os.environ, "PYTHONHASHSEED": seed}
-    argv = [sys.executable, "-m", "weightship.completions", str(tmp_path)]
+    argv = [sys.executable, "-m", "weightship.cli.completions", str(tmp_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(completions.FILENAMES.values())

@@ -21,7 +21,7 @@ from tests.servers import free_port
 def signed_store(tmp_path_factory) -> tuple[str, Path, Path]:
     """A file store holding demo:1.0 signed with release.pem and demo:unsigned, unsigned."""
     from weightship.demo import build_model
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     d = tmp_path_factory.mktemp("signed")
     key = d / "release.pem"
@@ -104,7 +104,7 @@ def test_bad_config_named_by_config_flag_names_its_line(tmp_path: Path, signed_s
 def test_valid_full_config_publishes_and_pulls_verified(tmp_path: Path, signed_store) -> None:
     """Every table and key the schema knows, in one file: accepted, and its policy enforced."""
     from weightship.demo import build_model
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     _, _, trusted_pub = signed_store
     gh = "https://token.actions.githubusercontent.com"

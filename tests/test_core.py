@@ -264,14 +264,14 @@ def test_policy_refuses_unsigned_and_foreign_signatures(tmp_path: Path, small_mo
     assert proc.returncode == 1 and "unsigned" in error_line(proc)
     assert not dest.exists()
 
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     other_pub = generate_key(tmp_path / "other.pem")
     assert run_cli("publish", small_model, "demo:signed", "--key", key, "--store", file_store).returncode == 0
     proc = run_cli("pull", "demo:signed", dest, "--key", other_pub, "--store", file_store)
     assert proc.returncode == 1
     line = error_line(proc)
-    from weightship.signing import key_fingerprint, load_public_key
+    from weightship.trust.signers import key_fingerprint, load_public_key
 
     assert key_fingerprint(load_public_key(pub))[:16] in line
     assert key_fingerprint(load_public_key(other_pub))[:16] in line
@@ -322,7 +322,7 @@ INTERRUPTIBLE = textwrap.dedent(
         return n
 
     FileStore.put_blob = slow_put
-    from weightship.cli import main
+    from weightship.cli.app import main
     sys.argv = ["weightship", *sys.argv[1:]]
     main()
     """
@@ -378,7 +378,7 @@ def test_cli_exit_runs_exit_handlers_and_flushes(tmp_path: Path, args: list[str]
     """The CLI leaves without interpreter teardown: exit handlers must still run, every
     byte of output must still arrive, and the exit code must survive."""
     script = (
-        "import atexit, sys; import weightship.cli as cli\n"
+        "import atexit, sys; import weightship.cli.app as cli\n"
         "atexit.register(lambda: print('handler ran', file=sys.stderr))\n"
         "print('x' * 200000, end='')\n"
         "sys.argv[0] = 'weightship'; cli.main()\n"

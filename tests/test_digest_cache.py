@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import error_line, run_cli
-from weightship import hashing, pack
-from weightship.digestcache import DigestCache
+from weightship.artifact import hashing, pack
+from weightship.artifact.digestcache import DigestCache
 
 
 def make_model(root: Path, files: int = 4, size: int = 256 * 1024) -> Path:

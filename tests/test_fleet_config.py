@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import error_line, run_cli
 from weightship.errors import ConfigError
-from weightship.fleet import load_fleet, parse_size
+from weightship.fleet.inventory import load_fleet, parse_size
 
 GOOD = """\
 [store]

@@ -21,7 +21,7 @@ from tests.fleetkit import (
     unsafe_warm_request,
 )
 from tests.helpers import error_line, run_cli
-from weightship.node import NodeCache, WarmRequest
+from weightship.node.cache import NodeCache, WarmRequest
 
 
 @pytest.fixture
@@ -160,8 +160,8 @@ def test_gc_keeps_newest_tagged_and_pinned(tmp_path: Path) -> None:
     for i in (1, 2, 3):
         publish(model(tmp_path, 20 + i), f"g:{i}.0", store)
     from weightship import release
+    from weightship.fleet.orchestrate import build_request
     from weightship.store import open_store
-    from weightship.warm import build_request
 
     st = open_store(store)
     cache = NodeCache(tmp_path / "cache")
@@ -203,8 +203,8 @@ def test_verify_finds_damage_and_the_next_warm_repairs_it(tmp_path: Path) -> Non
     src = model(tmp_path, 30)
     publish(src, "v:1.0", store, tags=["prod"])
     from weightship import release
+    from weightship.fleet.orchestrate import build_request
     from weightship.store import open_store
-    from weightship.warm import build_request
 
     st = open_store(store)
     req = build_request(st, release.resolve(st, "v:prod"), tags=["prod"])

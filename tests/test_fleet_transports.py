@@ -103,7 +103,7 @@ def _start_s3(root: Path):
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Fleet:
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     root = tmp_path_factory.mktemp("fleet")
     (root / "keys").mkdir()
@@ -175,8 +175,8 @@ def warm_both(fleet: Fleet, ref: str, *extra: str) -> dict[str, subprocess.Compl
 
 
 def test_warm_six_nodes_ready_identical_and_verified(fleet: Fleet) -> None:
-    from weightship.trust import TrustPolicy
-    from weightship.verify import verify_directory
+    from weightship.trust.policy import TrustPolicy
+    from weightship.trust.verify import verify_directory
 
     src = fleet.publish(1, "llm:1.0")
     for region, proc in warm_both(fleet, "llm:prod").items():
@@ -211,7 +211,7 @@ def test_untrusted_signer_refused_even_with_no_verify(fleet: Fleet) -> None:
         assert doc["ready"] == 0
         for n in doc["nodes"]:
             assert n["state"] == "failed" and "not by a trusted key" in n["error"], n
-    from weightship.node import NodeCache
+    from weightship.node.cache import NodeCache
 
     refused = NodeCache(fleet.agents[0].cache).status("evil:prod", "1.0")
     assert refused["state"] == "failed" and "not by a trusted key" in refused["error"]
@@ -323,7 +323,7 @@ def test_killed_node_engine_resumes_without_refetching(fleet: Fleet) -> None:
     assert states["ssh-1"]["state"] == "failed" and "killed" in states["ssh-1"]["error"], states["ssh-1"]
     assert states["ssh-2"]["state"] == states["ssh-3"]["state"] == "ready"
 
-    from weightship.node import NodeCache
+    from weightship.node.cache import NodeCache
 
     st = NodeCache(cache).status("res:prod", "1.0")
     assert st["state"] == "failed" and "interrupted" in st["error"]
@@ -343,7 +343,7 @@ def test_killed_node_engine_resumes_without_refetching(fleet: Fleet) -> None:
 
 
 def test_concurrent_warms_of_one_node_wait_for_the_lock(fleet: Fleet) -> None:
-    from weightship.node import NodeCache
+    from weightship.node.cache import NodeCache
 
     fleet.publish(7, "conc:1.0", hidden=512)
     a = fleet.spawn("warm", "conc:prod", "--region", "agents", "--max-rate", "2M")

@@ -11,10 +11,10 @@ import pytest
 from tests.fleetkit import cli_json, fleet_toml, model, publish
 from tests.helpers import run_cli
 from weightship.errors import UsageError
-from weightship.fleet import Node
-from weightship.node import WarmRequest
-from weightship.transports.base import NodeFailed, NodeUnreachable, Transport
-from weightship.warm import parse_duration, parse_share, warm_nodes
+from weightship.fleet.inventory import Node
+from weightship.fleet.orchestrate import parse_duration, parse_share, warm_nodes
+from weightship.fleet.transports.base import NodeFailed, NodeUnreachable, Transport
+from weightship.node.cache import WarmRequest
 
 
 class Scripted(Transport):
@@ -50,7 +50,7 @@ READY = {"event": "result", "state": "ready", "bytes_total": 2, "bytes_fetched":
 
 
 def test_transient_failures_are_retried_and_permanent_ones_are_not(monkeypatch) -> None:
-    monkeypatch.setattr("weightship.warm.RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr("weightship.fleet.orchestrate.RETRY_DELAYS", (0.0,))
     flaky = Scripted(_node("flaky"), [NodeUnreachable("ssh: connection reset"), READY])
     broken = Scripted(_node("broken"), [{"event": "result", "state": "failed", "error": "x: sha256 mismatch"}])
     unavailable = {"event": "result", "state": "failed", "error": "store returned 503", "retryable": True}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from weightship import hashing
+from weightship.artifact import hashing
 
 MiB = hashing.CRC_CHUNK
 

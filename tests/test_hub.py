@@ -391,8 +391,8 @@ def test_online_errors_are_one_line(fake_hub: FakeHub, file_store: str, tmp_path
 
 
 def test_parse_hub_url():
+    from weightship.artifact.hub import parse_hub_url
     from weightship.errors import UsageError
-    from weightship.hub import parse_hub_url
 
     u = parse_hub_url(URL)
     assert (u.repo_id, u.revision, u.pinned) == (REPO, "main", False)
@@ -416,7 +416,7 @@ def test_parse_hub_url():
 
 
 def test_snapshot_library(hub_home: Path):
-    from weightship import hub
+    from weightship.artifact import hub
 
     storage = hub_home / "hub" / f"models--{REPO.replace('/', '--')}"
     snap = hub.snapshot(
@@ -436,7 +436,7 @@ def test_snapshot_library(hub_home: Path):
 
 def test_snapshot_without_symlinks_is_still_packed(tmp_path: Path):
     """Where symlinks are unavailable huggingface-hub copies files into the snapshot folder."""
-    from weightship import hub
+    from weightship.artifact import hub
 
     storage = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}"
     snap_dir = storage / "snapshots" / COMMIT

@@ -18,7 +18,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from tests.helpers import error_line, run_cli
-from weightship import github, schemas
+from weightship import schemas
+from weightship.cli import github
 from weightship.demo import build_model
 
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -188,7 +189,7 @@ def _closed_port() -> int:
 def fleet_ws(tmp_path_factory) -> Path:
     """A signed demo:prod in a file:// store; region `local` of three local nodes and region
     `far` whose one node is an agent nobody listens for."""
-    from weightship import signing
+    from weightship.trust import signers as signing
 
     ws = tmp_path_factory.mktemp("fleet")
     signing.generate_key(ws / "release.pem")

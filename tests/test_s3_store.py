@@ -53,7 +53,7 @@ def no_aws_env(monkeypatch, home: Path) -> None:
 
 
 def published_tree(model: Path) -> dict[str, str]:
-    from weightship.pack import DEFAULT_IGNORES
+    from weightship.artifact.pack import DEFAULT_IGNORES
 
     return {p: d for p, d in tree_digest(model).items() if p.split("/")[0] not in DEFAULT_IGNORES}
 
@@ -259,7 +259,7 @@ def test_presigned_urls_resume_and_follow_redirects_without_credentials(s3_store
     credentials, a redirect followed, a partial file resumed with a Range request."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from weightship.sources import UrlSource
+    from weightship.node.fetch import UrlSource
 
     store = open_store(s3_store_url)
     data = random.Random(10).randbytes(3 * MiB + 5)

@@ -20,7 +20,7 @@ STATUS_LIMIT = 2.0
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory):
-    from weightship.signing import generate_key
+    from weightship.trust.signers import generate_key
 
     root = tmp_path_factory.mktemp("scale")
     key = root / "release.pem"

@@ -32,8 +32,8 @@ import pytest
 from tests.fleetkit import model, source_files, spawn_cli, tree
 from tests.helpers import error_line, run_cli
 from tests.servers import CountingProxy
+from weightship.artifact.hashing import digest_file
 from weightship.errors import ConflictError, IntegrityError, NotFoundError, StoreError
-from weightship.hashing import digest_file
 from weightship.store import Store, blob_key, open_store
 from weightship.store.object import PART_SIZE
 

@@ -13,8 +13,8 @@ import pytest
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from weightship.artifact.tensors import summarise
 from weightship.errors import ModelError
-from weightship.tensors import summarise
 
 
 def reference(path: Path) -> tuple[int, int, dict[str, int]] | None:

@@ -28,10 +28,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.fake_sigstore import EMAIL_ISSUER, GITHUB_ISSUER, FakeSigstore, identity_token
 from tests.helpers import FIXTURES, assert_model_signing_ok, model_signing, run_cli
 from tests.oms_fixtures import LEAF_SUBJECT, key_fingerprint
-from weightship import keyless, oms, pack, release, signing
+from weightship import release
+from weightship.artifact import pack
 from weightship.errors import IntegrityError, PolicyError, SignatureError, UsageError
-from weightship.trust import Identity, TrustPolicy, describe_unverified, verify_bundle
-from weightship.verify import verify_directory
+from weightship.trust import oms
+from weightship.trust import signers as signing
+from weightship.trust import sigstore as keyless
+from weightship.trust.bundle import describe_unverified, verify_bundle
+from weightship.trust.policy import Identity, TrustPolicy
+from weightship.trust.verify import verify_directory
 
 FIXTURE_IDENTITY = "stefanb@us.ibm.com"
 FIXTURE_ISSUER = "https://sigstore.verify.ibm.com/oauth2"

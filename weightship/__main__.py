@@ -1,3 +1,3 @@
-from weightship.cli import main
+from weightship.cli.app import main
 
 main()

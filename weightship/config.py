@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from weightship.errors import ConfigError
-from weightship.fleet import key_pattern, parse_fleet
-from weightship.trust import Identity, TrustPolicy
+from weightship.fleet.inventory import key_pattern, parse_fleet
+from weightship.trust.policy import Identity, TrustPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib

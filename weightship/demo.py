@@ -37,10 +37,11 @@ def build_model(root: Path, shards: int = 2, seed: int = 0, hidden: int = 256) -
 
 
 def run(directory: Path | None, reporter: Reporter, out: Callable[[str], None] = print) -> Path:
-    from weightship import release, signing
+    from weightship import release
     from weightship.store import open_store
-    from weightship.trust import TrustPolicy
-    from weightship.verify import verify_directory
+    from weightship.trust import signers as signing
+    from weightship.trust.policy import TrustPolicy
+    from weightship.trust.verify import verify_directory
 
     start = time.monotonic()
     ws = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="weightship-demo-"))
@@ -109,9 +110,9 @@ def warm_demo_region(ws: Path, store, pub: Path, out: Callable[[str], None]) -> 
     import asyncio
 
     from weightship import config, release
-    from weightship import warm as w
-    from weightship.fleet import load_fleet
-    from weightship.transports import for_node
+    from weightship.fleet import orchestrate as w
+    from weightship.fleet.inventory import load_fleet
+    from weightship.fleet.transports import for_node
 
     nodes = "".join(
         f'\n[[regions.demo.nodes]]\nname = "gpu-{i}"\ntransport = "local"\ncache = "nodes/gpu-{i}"\n' for i in (1, 2, 3)

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from weightship import hashing, oms, pack, refs
-from weightship.digestcache import DigestCache
+from weightship.artifact import hashing, pack, refs
+from weightship.artifact.digestcache import DigestCache
+from weightship.artifact.manifest import Manifest
 from weightship.errors import (
     ConflictError,
     IntegrityError,
@@ -30,13 +31,14 @@ from weightship.errors import (
     UsageError,
     WeightshipError,
 )
-from weightship.manifest import Manifest
 from weightship.progress import Reporter
-from weightship.signing import Signer
 from weightship.store import Store, takes_chunk_crc32
 from weightship.store.file import fsync_dir, write_new_file
-from weightship.trust import SignerInfo, TrustPolicy, verify_bundle
-from weightship.verify import compare, safe_ignores
+from weightship.trust import oms
+from weightship.trust.bundle import verify_bundle
+from weightship.trust.policy import SignerInfo, TrustPolicy
+from weightship.trust.signers import Signer
+from weightship.trust.verify import compare, safe_ignores
 
 UPLOAD_WORKERS = 4
 

@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from weightship.blobwriter import BlobWriter, Busy, TooLarge, read_capped
+from weightship.artifact.hashing import CHUNK
+from weightship.artifact.manifest import check_relpath
 from weightship.errors import ConflictError, IntegrityError, NotFoundError, StoreError
-from weightship.hashing import CHUNK
-from weightship.manifest import check_relpath
 from weightship.store.base import Progress, Store, blob_key
+from weightship.store.writer import BlobWriter, Busy, TooLarge, read_capped
 
 # Uploads in flight, and interrupted ones a re-run resumes (readers skip them).
 PARTIAL_PREFIX = ".partial-"

@@ -40,7 +40,8 @@ from urllib.parse import urlsplit
 import obstore
 from obstore import exceptions as oe
 
-from weightship.blobwriter import BlobWriter
+from weightship.artifact.hashing import CRC_CHUNK
+from weightship.artifact.manifest import check_relpath
 from weightship.errors import (
     ConfigError,
     ConflictError,
@@ -50,9 +51,8 @@ from weightship.errors import (
     UsageError,
     WeightshipError,
 )
-from weightship.hashing import CRC_CHUNK
-from weightship.manifest import check_relpath
 from weightship.store.base import Progress, Store, blob_key
+from weightship.store.writer import BlobWriter
 
 MiB = 1024 * 1024
 # Multipart uploads: parts of PART_SIZE, PART_CONCURRENCY of them in flight per blob.

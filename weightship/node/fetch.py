@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
-from weightship.blobwriter import BlobWriter, TooLarge, read_capped
 from weightship.errors import IntegrityError, NotFoundError, StoreError, UsageError
+from weightship.store.writer import BlobWriter, TooLarge, read_capped
 
 Progress = Callable[[int], None]
 

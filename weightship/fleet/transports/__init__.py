@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from weightship.transports.base import NodeUnreachable, Transport
+from weightship.fleet.transports.base import NodeUnreachable, Transport
 
 if TYPE_CHECKING:
-    from weightship.fleet import Node
-    from weightship.trust import TrustPolicy
+    from weightship.fleet.inventory import Node
+    from weightship.trust.policy import TrustPolicy
 
 __all__ = ["NodeUnreachable", "Transport", "for_node"]
 
@@ -29,13 +29,13 @@ def for_node(
     """The transport for a fleet node. ``policy`` and ``config_path`` are this machine's
     [policy] and weightship.toml, what a ``local`` node without its own ``config`` uses."""
     if node.kind == "ssh":
-        from weightship.transports.ssh import SshTransport
+        from weightship.fleet.transports.ssh import SshTransport
 
         return SshTransport(node, accept_new_host_keys=accept_new_host_keys)
     if node.kind == "agent":
-        from weightship.transports.agent import AgentTransport
+        from weightship.fleet.transports.agent import AgentTransport
 
         return AgentTransport(node)
-    from weightship.transports.local import LocalTransport
+    from weightship.fleet.transports.local import LocalTransport
 
     return LocalTransport(node, policy=policy, config_path=config_path)

@@ -12,8 +12,8 @@ import hashlib
 from pathlib import Path
 from typing import Protocol
 
-from weightship import oms
 from weightship.errors import SignatureError, UsageError
+from weightship.trust import oms
 
 
 class Signer(Protocol):

@@ -54,7 +54,7 @@ from typing import Any
 
 from weightship import __version__
 from weightship.errors import UsageError, WeightshipError
-from weightship.node import PROTOCOL, NodeCache, WarmRequest
+from weightship.node.cache import PROTOCOL, NodeCache, WarmRequest
 
 MAX_JOBS = 200
 # Bytes per body message of a peer stream.
@@ -189,7 +189,7 @@ def create_app(cache: NodeCache, token: str):
         return JSONResponse({"ok": True, "weightship": __version__, "protocol": PROTOCOL, "cache": str(cache.root)})
 
     async def warm(request: Request) -> JSONResponse:
-        from weightship.manifest import Manifest
+        from weightship.artifact.manifest import Manifest
 
         body = await request.body()
         try:
@@ -438,7 +438,7 @@ def _preload() -> None:
     import httpx  # noqa: F401
 
     import weightship.release  # noqa: F401
-    from weightship.sources import shared_ssl_context
+    from weightship.node.fetch import shared_ssl_context
 
     shared_ssl_context()
 

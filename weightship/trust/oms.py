@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from weightship.artifact.manifest import check_relpath, path_sort_key
 from weightship.errors import SignatureError
-from weightship.manifest import check_relpath, path_sort_key
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"

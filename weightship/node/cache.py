@@ -57,8 +57,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from weightship import __version__, refs
-from weightship.blobwriter import TooLarge
+from weightship import __version__
+from weightship.artifact import refs
+from weightship.artifact.manifest import Manifest
+from weightship.artifact.pack import SIGNATURE_FILE
 from weightship.errors import (
     IntegrityError,
     NotFoundError,
@@ -69,10 +71,9 @@ from weightship.errors import (
     WeightshipError,
     write_error,
 )
-from weightship.manifest import Manifest
-from weightship.pack import SIGNATURE_FILE
 from weightship.progress import human_bytes
-from weightship.trust import TrustPolicy
+from weightship.store.writer import TooLarge
+from weightship.trust.policy import TrustPolicy
 
 PROTOCOL = 1
 STATES = ("absent", "pending", "fetching", "verifying", "ready", "failed", "evicted")
@@ -726,7 +727,7 @@ class NodeCache:
         self, req: WarmRequest, missing: dict[str, int], paths: dict[str, list[str]], run: _Run
     ) -> tuple[int, int, dict[str, Any]]:
         """Fetch every missing blob; return (bytes fetched, of which from the origin, peer report)."""
-        from weightship.sources import URL_CHUNK, RateLimit, Sources
+        from weightship.node.fetch import URL_CHUNK, RateLimit, Sources
 
         limit = RateLimit(req.max_rate) if req.max_rate else None
         # A rate limit acts between reads: keep each read to a fraction of a second's worth.
@@ -1143,7 +1144,7 @@ class NodeCache:
         ``state/quarantine/``, every release that uses it leaves ``models/`` (its tags then
         lead nowhere rather than to wrong bytes) and is recorded ``failed`` naming the file,
         and the next warm fetches exactly the blobs that went."""
-        from weightship import hashing
+        from weightship.artifact import hashing
         from weightship.release import Release, check_signature
 
         name, version = self._locate(ref)
@@ -1205,7 +1206,7 @@ class NodeCache:
         from here did not verify. A blob that is corrupt is quarantined and the releases
         that use it stop being served (see :meth:`verify`); a sound one is left alone, so a
         lying reporter costs one re-hash and changes nothing."""
-        from weightship import hashing
+        from weightship.artifact import hashing
 
         if not _HEX.match(h):
             raise UsageError(f"{h[:80]!r} is not a sha256 hex digest")

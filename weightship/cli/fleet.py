@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from weightship.cli import (
+from weightship.cli.app import (
     CertChainOpt,
     GithubOpt,
     IdentityOpt,
@@ -74,14 +74,14 @@ def register(app: typer.Typer) -> None:
 
 
 def _fleet(ctx: typer.Context, fleet_file: Path | None):
-    from weightship.fleet import load_fleet
+    from weightship.fleet.inventory import load_fleet
 
     cfg = load_config(ctx)
     return cfg, load_fleet(cfg.data, cfg.path, fleet_file)
 
 
 def _transport_for(cfg, accept_new: bool):
-    from weightship.transports import for_node
+    from weightship.fleet.transports import for_node
 
     policy = cfg.policy()
     config_path = str(cfg.path) if cfg.path else None
@@ -98,7 +98,7 @@ def _store_url(cfg, flag: str | None, region) -> str | None:
 
 
 def _capacity(text: str | None) -> int | None:
-    from weightship.fleet import parse_size
+    from weightship.fleet.inventory import parse_size
 
     if text is None:
         return None
@@ -192,9 +192,11 @@ def warm(
     """
     import asyncio
 
-    from weightship import github, refs, release
-    from weightship import warm as w
-    from weightship.fleet import parse_size
+    from weightship import release
+    from weightship.artifact import refs
+    from weightship.cli import github
+    from weightship.fleet import orchestrate as w
+    from weightship.fleet.inventory import parse_size
     from weightship.store import open_store
 
     to_github = github.enabled(output_github)
@@ -313,8 +315,10 @@ def status(
     import asyncio
     import time
 
-    from weightship import github, refs, release
-    from weightship import warm as w
+    from weightship import release
+    from weightship.artifact import refs
+    from weightship.cli import github
+    from weightship.fleet import orchestrate as w
     from weightship.store import open_store
 
     to_github = github.enabled(output_github)
@@ -394,7 +398,7 @@ def gc(
     per model, and never what a tag points at or what is pinned."""
     import asyncio
 
-    from weightship import warm as w
+    from weightship.fleet import orchestrate as w
 
     cfg, fl = _fleet(ctx, fleet)
     reg = fl.region(region)
@@ -457,7 +461,7 @@ def _node_cache(
     """``file_sources``: which file:// sources warms may name (see NodeCache); only the
     agent restricts them, ssh and local callers already act as the node's user."""
     from weightship import config
-    from weightship.node import NodeCache
+    from weightship.node.cache import NodeCache
 
     policy = config.load(policy_file).policy() if policy_file else load_config(ctx).policy()
     return NodeCache(cache, policy=policy, capacity=_capacity(capacity), file_sources=file_sources)
@@ -515,7 +519,7 @@ def node_warm(
 ) -> None:
     """Warm one release into this node's cache, from a request on standard input
     (what `weightship warm` sends over ssh). Exit 0 when it is ready."""
-    from weightship.node import WarmRequest
+    from weightship.node.cache import WarmRequest
 
     node = _node_cache(ctx, cache, policy, capacity)
     if request is not None:
@@ -567,7 +571,7 @@ def _detach(ctx: typer.Context, node, req, policy: Path | None, capacity: str | 
     import subprocess
     import uuid
 
-    from weightship.manifest import Manifest
+    from weightship.artifact.manifest import Manifest
 
     # Refuse a bad request now, while someone is listening.
     Manifest.from_bytes(req.manifest, where="manifest sent to the node")
@@ -606,7 +610,7 @@ def node_have(
 ) -> None:
     """Which of the blobs named on standard input ({"blobs": [HEX…]}) this cache holds, and
     how much of the others it has partly downloaded (what warm's planner asks)."""
-    from weightship.node import NodeCache
+    from weightship.node.cache import NodeCache
 
     if sys.stdin.isatty():
         raise UsageError("no blob list", 'pipe {"blobs": [HEX…]} on standard input')
@@ -676,7 +680,7 @@ def node_gc(
     json_: JsonOpt = False,
 ) -> None:
     """Evict old releases from this node's cache (never tagged or pinned ones)."""
-    from weightship.node import NodeCache
+    from weightship.node.cache import NodeCache
     from weightship.progress import human_bytes
 
     doc = NodeCache(cache).gc(keep, dry_run)
@@ -717,7 +721,7 @@ def node_pin(
     json_: JsonOpt = False,
 ) -> None:
     """Pin a release so that neither gc nor eviction removes it."""
-    from weightship.node import NodeCache
+    from weightship.node.cache import NodeCache
 
     doc = NodeCache(cache).pin(ref, not unpin)
     if json_:
@@ -786,8 +790,8 @@ def agent_serve(
 
     The agent enforces its own --policy on every warm, whatever a caller asks.
     """
-    from weightship import agent
-    from weightship.sources import configure_tls_ca
+    from weightship.node import serve_http as agent
+    from weightship.node.fetch import configure_tls_ca
 
     try:
         token = token_file.read_text().strip()

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from weightship.artifact.manifest import Manifest
 from weightship.errors import UsageError, WeightshipError
-from weightship.fleet import Node
-from weightship.manifest import Manifest
-from weightship.node import WarmRequest
+from weightship.fleet.inventory import Node
+from weightship.fleet.transports.base import NodeFailed, NodeUnreachable, Transport
+from weightship.node.cache import WarmRequest
 from weightship.progress import human_bytes
-from weightship.transports.base import NodeFailed, NodeUnreachable, Transport
 
 TransportFor = Callable[[Node], Transport]
 RETRY_DELAYS = (1.0, 3.0, 8.0)
@@ -264,7 +264,7 @@ async def plan_warm(
 ) -> Plan:
     """Ask every node what it has of the release, and plan who fetches what from where.
     Agents serve peers; ssh and local nodes only receive (they run no server)."""
-    from weightship.agent import peer_token
+    from weightship.node.serve_http import peer_token
 
     blobs = manifest.blobs()
     hexes = sorted(blobs)

@@ -7,8 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from weightship.artifact.manifest import TensorSummary
 from weightship.errors import ModelError
-from weightship.manifest import TensorSummary
 
 
 def is_safetensors(path: str) -> bool:

@@ -7,10 +7,10 @@ import threading
 from typing import Any
 
 from weightship.errors import ConfigError
-from weightship.fleet import Node
-from weightship.node import WarmRequest
-from weightship.sources import shared_ssl_context
-from weightship.transports.base import CONNECT_TIMEOUT, NodeFailed, NodeUnreachable, OnEvent, Transport
+from weightship.fleet.inventory import Node
+from weightship.fleet.transports.base import CONNECT_TIMEOUT, NodeFailed, NodeUnreachable, OnEvent, Transport
+from weightship.node.cache import WarmRequest
+from weightship.node.fetch import shared_ssl_context
 
 # A warm's event stream is re-opened this many times (from the last event seen) when the
 # connection drops; the job goes on in the agent meanwhile.

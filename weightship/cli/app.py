@@ -109,7 +109,7 @@ def build_policy(
     offline: bool | None = None,
 ):
     """The configured [policy] plus whatever the command line adds."""
-    from weightship.trust import Identity, TrustPolicy
+    from weightship.trust.policy import Identity, TrustPolicy
 
     cfg = load_config(ctx).policy()
     idents = []
@@ -195,13 +195,13 @@ def make_signer(
     *,
     required: bool,
 ):
-    from weightship import signing
+    from weightship.trust import signers as signing
 
     key = load_config(ctx).signing_key(key) if not sigstore else key
     if sigstore and key:
         raise UsageError("--key and --sigstore both given", "choose one way to sign")
     if sigstore:
-        from weightship import keyless
+        from weightship.trust import sigstore as keyless
 
         return keyless.SigstoreSigner(identity_token=token, staging=staging, trust_config=trust_config)
     if key is None:
@@ -224,7 +224,7 @@ def pack(
     json_: JsonOpt = False,
 ) -> None:
     """Hash a model directory and print its manifest (nothing is written)."""
-    from weightship import pack as _pack
+    from weightship.artifact import pack as _pack
     from weightship.progress import human_bytes
 
     rep = reporter(ctx, json_)
@@ -268,8 +268,8 @@ def sign(
     ] = None,
 ) -> None:
     """Sign a model directory in OpenSSF Model Signing format (writes DIR/model.sig)."""
-    from weightship import pack as _pack
     from weightship import release
+    from weightship.artifact import pack as _pack
     from weightship.store.file import atomic_write
 
     signer = make_signer(
@@ -301,7 +301,7 @@ def verify(
     json_: JsonOpt = False,
 ) -> None:
     """Check a model directory against its signature: every byte, name, added or removed file."""
-    from weightship.verify import verify_directory
+    from weightship.trust.verify import verify_directory
 
     policy = build_policy(ctx, key, cert_chain, identity, issuer, identity_regex, offline)
     if not policy.required:
@@ -356,7 +356,9 @@ def publish(
     output_github: GithubOpt = None,
 ) -> None:
     """Pack, sign and push a model directory; unchanged blobs are not uploaded again."""
-    from weightship import github, provenance, release
+    from weightship import release
+    from weightship.artifact import provenance
+    from weightship.cli import github
     from weightship.progress import human_bytes
 
     # Checked before any work, so that a misplaced --output-github costs no upload.
@@ -369,7 +371,7 @@ def publish(
     packed = None
     cache = None
     if source.startswith("hf://"):
-        from weightship import hub
+        from weightship.artifact import hub
 
         snap = hub.snapshot(source, include=include or [], exclude=exclude or [], ignore=ignore or [], reporter=rep)
         packed = snap.packed
@@ -377,7 +379,7 @@ def publish(
     elif include or exclude:
         raise UsageError("--include and --exclude apply to hf:// sources", "use --ignore for a directory")
     elif not rehash:
-        from weightship.digestcache import DigestCache
+        from weightship.artifact.digestcache import DigestCache
 
         cache = DigestCache(Path(source))
     from weightship.store import open_store as open_url
@@ -457,8 +459,9 @@ def show(
     json_: JsonOpt = False,
 ) -> None:
     """Show a release: digest, files, tensors, who signed it and where it came from."""
-    from weightship import release, trust
+    from weightship import release
     from weightship.progress import human_bytes
+    from weightship.trust.bundle import describe_unverified
 
     st = open_store(ctx, store)
     rel = release.resolve(st, ref)
@@ -470,7 +473,7 @@ def show(
         signer_text = f"{info.describe()} (verified)" if info else "unsigned"
         signer_doc = {"verified": True, **(info.to_dict() if info else {})}
     else:
-        signer_text = trust.describe_unverified(rel.signature)
+        signer_text = describe_unverified(rel.signature)
         signer_doc = {"verified": False, "claimed": signer_text}
     if json_:
         doc = rel.manifest.to_dict()
@@ -582,7 +585,7 @@ def keygen(
     ] = False,
 ) -> None:
     """Generate an EC signing key pair for weightship sign/publish --key."""
-    from weightship import signing
+    from weightship.trust import signers as signing
 
     pub = signing.generate_key(path, curve.value, force=force)
     say(ctx, f"private key {path} (keep it secret), public key {pub}")
@@ -604,7 +607,7 @@ def demo(
 def _register_extensions() -> None:
     # Fleet commands (warm, status, gc, node, agent, fleet) live in their own module.
     try:
-        from weightship import cli_fleet
+        from weightship.cli import fleet as cli_fleet
     except ImportError:
         return
     cli_fleet.register(app)

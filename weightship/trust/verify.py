@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from weightship import hashing, pack
+from weightship.artifact import hashing, pack
+from weightship.artifact.manifest import check_relpath
 from weightship.errors import IntegrityError, SignatureError, UsageError
-from weightship.manifest import check_relpath
-from weightship.trust import TrustPolicy, Verified, verify_bundle
+from weightship.trust.bundle import verify_bundle
+from weightship.trust.policy import TrustPolicy, Verified
 
 
 def compare(signed: dict[str, str], actual: dict[str, str], where: str) -> None:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from weightship import hashing, pack, tensors
+from weightship.artifact import hashing, pack, tensors
+from weightship.artifact.manifest import FileEntry, Manifest, check_relpath
 from weightship.errors import IntegrityError, ModelError, UsageError, WeightshipError
-from weightship.manifest import FileEntry, Manifest, check_relpath
 from weightship.progress import Reporter
 
 SCHEME = "hf://"

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from weightship import oms
 from weightship.errors import PolicyError, SignatureError, UsageError
+from weightship.trust import oms
 
 if TYPE_CHECKING:
-    from weightship.trust import Identity, SignerInfo, TrustPolicy
+    from weightship.trust.policy import Identity, SignerInfo, TrustPolicy
 
 # Fulcio certificate extensions, see https://github.com/sigstore/fulcio/blob/main/docs/oid-info.md
 _OID_ISSUER_V1 = "1.3.6.1.4.1.57264.1.1"  # raw string (deprecated, still issued)
@@ -354,7 +354,7 @@ def verify(bundle_bytes: bytes, envelope: oms.Envelope, policy: TrustPolicy) -> 
     from sigstore.errors import Error as SigstoreError
     from sigstore.models import Bundle
 
-    from weightship.trust import SignerInfo
+    from weightship.trust.policy import SignerInfo
 
     found_identity, found_issuer = _who(_leaf(envelope))
     found = f"{found_identity} (issuer {found_issuer})"

@@ -18,15 +18,15 @@ import shlex
 from pathlib import Path
 from typing import Any, ClassVar
 
-from weightship.fleet import Node
-from weightship.node import WarmRequest
-from weightship.transports.base import (
+from weightship.fleet.inventory import Node
+from weightship.fleet.transports.base import (
     CONNECT_TIMEOUT,
     NodeFailed,
     NodeUnreachable,
     OnEvent,
     Transport,
 )
+from weightship.node.cache import WarmRequest
 
 
 def _client_factory(accept_new: bool, state: dict[str, Any], known: Any, record_in: Path | None):

@@ -5,7 +5,7 @@ starts Python: a dynamic completer would pay the whole CLI start-up on every TAB
 The price is that they go stale when the CLI changes; ``tests/test_completions.py`` catches
 that. Regenerate with::
 
-    python -m weightship.completions completions/
+    python -m weightship.cli.completions completions/
 
 Output depends only on the command tree: no timestamps, no paths, sorted where order carries
 no meaning, so regenerating an unchanged CLI gives identical bytes.
@@ -194,7 +194,7 @@ def command_tree(command: Any = None) -> Cmd:
     if command is None:
         import typer
 
-        from weightship.cli import app
+        from weightship.cli.app import app
 
         command = typer.main.get_command(app)
     elif hasattr(command, "registered_commands"):  # a typer.Typer, not yet a command

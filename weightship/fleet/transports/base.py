@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from weightship.errors import WeightshipError
 
 if TYPE_CHECKING:
-    from weightship.fleet import Node
-    from weightship.node import WarmRequest
+    from weightship.fleet.inventory import Node
+    from weightship.node.cache import WarmRequest
 
 OnEvent = Callable[[dict[str, Any]], None]
 CONNECT_TIMEOUT = 10.0

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weightship import hashing, tensors
-from weightship.digestcache import DigestCache
+from weightship.artifact import hashing, tensors
+from weightship.artifact.digestcache import DigestCache
+from weightship.artifact.manifest import FileEntry, Manifest, check_relpath, path_sort_key
 from weightship.errors import ModelError
-from weightship.manifest import FileEntry, Manifest, check_relpath, path_sort_key
 
 SIGNATURE_FILE = "model.sig"
 # The reference signer leaves these out of every signature; so do we, so that a

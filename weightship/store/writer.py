@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from weightship.errors import IntegrityError, write_error
-from weightship.pagecache import WRITE_SLICE
+from weightship.store.pagecache import WRITE_SLICE
 
 
 class TooLarge(IntegrityError):

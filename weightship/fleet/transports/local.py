@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from weightship.fleet import Node
-from weightship.node import NodeCache, WarmRequest
-from weightship.transports.base import NodeFailed, OnEvent, Transport
-from weightship.trust import TrustPolicy
+from weightship.fleet.inventory import Node
+from weightship.fleet.transports.base import NodeFailed, OnEvent, Transport
+from weightship.node.cache import NodeCache, WarmRequest
+from weightship.trust.policy import TrustPolicy
 
 T = TypeVar("T")
 
