@@ -179,8 +179,58 @@ class CountingProxy:
             self._open.clear()
 
 
+class _ServerProcess:
+    """What every server a test starts shares: a counting proxy in front of it, its log,
+    and stopping it by PID (SIGTERM, then SIGKILL)."""
+
+    port: int
+    pid: int
+    log_path: Path
+    _proc: subprocess.Popen | None
+    _proxies: list[CountingProxy]
+
+    def proxy(self) -> CountingProxy:
+        """A counting proxy in front of this server (closed by ``stop``); pass its
+        ``endpoint`` to ``env()``."""
+        p = CountingProxy("127.0.0.1", self.port)
+        self._proxies.append(p)
+        return p
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        for p in self._proxies:
+            p.close()
+        self._proxies.clear()
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self._proc.wait(timeout=10)
+        self._proc = None
+
+    def __enter__(self) -> _ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class S3Server:
+class S3Server(_ServerProcess):
     endpoint: str
     access_key: str
     secret_key: str
@@ -223,44 +273,6 @@ class S3Server:
         name = name or f"b-{uuid.uuid4().hex[:16]}"
         self.client().create_bucket(Bucket=name)
         return name
-
-    def proxy(self) -> CountingProxy:
-        """A counting proxy in front of this server (closed by ``stop``)."""
-        p = CountingProxy("127.0.0.1", self.port)
-        self._proxies.append(p)
-        return p
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self) -> None:
-        for p in self._proxies:
-            p.close()
-        self._proxies.clear()
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self._proc.wait(timeout=10)
-        self._proc = None
-
-    def __enter__(self) -> S3Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_seaweed(
@@ -412,7 +424,7 @@ def azurite_binary() -> str | None:
 
 
 @dataclass
-class AzuriteServer:
+class AzuriteServer(_ServerProcess):
     """A running ``azurite-blob``: the account is ``devstoreaccount1`` with its well-known key."""
 
     endpoint: str  # http://127.0.0.1:PORT, without the account
@@ -453,45 +465,6 @@ class AzuriteServer:
         name = name or f"c-{uuid.uuid4().hex[:16]}"
         self.client().create_container(name)
         return name
-
-    def proxy(self) -> CountingProxy:
-        """A counting proxy in front of this server (closed by ``stop``); pass its
-        ``endpoint`` to ``env()``."""
-        p = CountingProxy("127.0.0.1", self.port)
-        self._proxies.append(p)
-        return p
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self) -> None:
-        for p in self._proxies:
-            p.close()
-        self._proxies.clear()
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self._proc.wait(timeout=10)
-        self._proc = None
-
-    def __enter__(self) -> AzuriteServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_azurite(tmp_dir: Path | str, *, binary: str | None = None, timeout: float = 60.0) -> AzuriteServer:

@@ -39,7 +39,7 @@ from tests.fleetkit import (
 )
 from tests.helpers import error_line, run_cli
 from tests.servers import free_port
-from weightship.node.serve_http import peer_token
+from weightship.node.protocol import peer_token
 
 
 @dataclasses.dataclass

@@ -75,7 +75,7 @@ def _node_warm(cache: Path, req: dict[str, Any], *extra: str, timeout: float = 1
 
 def _request_for(store_url: str, ref: str, **kw: Any) -> dict[str, Any]:
     from weightship import release
-    from weightship.fleet.orchestrate import build_request
+    from weightship.fleet.plan import build_request
     from weightship.store import open_store
 
     st = open_store(store_url)

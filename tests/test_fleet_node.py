@@ -21,7 +21,8 @@ from tests.fleetkit import (
     unsafe_warm_request,
 )
 from tests.helpers import error_line, run_cli
-from weightship.node.cache import NodeCache, WarmRequest
+from weightship.node.cache import NodeCache
+from weightship.node.protocol import WarmRequest
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ def test_gc_keeps_newest_tagged_and_pinned(tmp_path: Path) -> None:
     for i in (1, 2, 3):
         publish(model(tmp_path, 20 + i), f"g:{i}.0", store)
     from weightship import release
-    from weightship.fleet.orchestrate import build_request
+    from weightship.fleet.plan import build_request
     from weightship.store import open_store
 
     st = open_store(store)
@@ -203,7 +204,7 @@ def test_verify_finds_damage_and_the_next_warm_repairs_it(tmp_path: Path) -> Non
     src = model(tmp_path, 30)
     publish(src, "v:1.0", store, tags=["prod"])
     from weightship import release
-    from weightship.fleet.orchestrate import build_request
+    from weightship.fleet.plan import build_request
     from weightship.store import open_store
 
     st = open_store(store)

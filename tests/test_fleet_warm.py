@@ -14,7 +14,7 @@ from weightship.errors import UsageError
 from weightship.fleet.inventory import Node
 from weightship.fleet.orchestrate import parse_duration, parse_share, warm_nodes
 from weightship.fleet.transports.base import NodeFailed, NodeUnreachable, Transport
-from weightship.node.cache import WarmRequest
+from weightship.node.protocol import WarmRequest
 
 
 class Scripted(Transport):

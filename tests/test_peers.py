@@ -32,8 +32,10 @@ from tests.helpers import environ, require, run_cli
 from tests.servers import CountingProxy
 from weightship import schemas
 from weightship.fleet.inventory import Node
-from weightship.fleet.orchestrate import PEER_FANOUT, make_plan
-from weightship.node.fetch import Sources, _PeerError
+from weightship.fleet.plan import PEER_FANOUT, make_plan
+from weightship.node.fetch import Sources
+from weightship.node.peers import Peer, PeerError, PeerTransfer
+from weightship.store.writer import BlobWriter
 
 try:
     from tests.servers import start_seaweed, weed_binary
@@ -113,32 +115,36 @@ def test_plan_relays_only_nodes_of_the_first_wave() -> None:
 # -- failover and blame, with scripted peers --------------------------------------------------
 
 
-class ScriptedPeers(Sources):
-    """Sources whose peers are scripted: each sends ``data`` (maybe altered), and may die
-    after ``die_after`` bytes. The origin is a real file:// URL."""
+class ScriptedPeers(PeerTransfer):
+    """Peer transfers that follow a script: each peer sends ``data`` (maybe altered), and
+    may die after ``die_after`` bytes. Notes the peers told their copy was corrupt."""
 
-    def __init__(self, origin: Path, hexdigest: str, peers: dict[str, tuple[bytes, int | None]]) -> None:
-        spec = {"urls": {hexdigest: f"file://{origin}"}}
-        names = list(peers)
-        super().__init__(spec, {"nodes": {n: {"url": "http://x", "token": "t"} for n in names}, "blobs": {}})
-        self.blobs = {hexdigest: names}
-        self.script = peers
+    def __init__(self, script: dict[str, tuple[bytes, int | None]]) -> None:
+        self.script = script
         self.reported: list[str] = []
 
-    def _report_corrupt(self, name, hexdigest) -> None:
-        self.reported.append(name)
+    def report_corrupt(self, peer: Peer, hexdigest: str) -> None:
+        self.reported.append(peer.name)
 
-    def _from_peer(self, name, hexdigest, w, progress) -> int:
-        data, die_after = self.script[name]
+    def fetch(self, peer: Peer, hexdigest: str, w: BlobWriter, progress) -> int:
+        data, die_after = self.script[peer.name]
         size = w.size
         end = size if die_after is None else min(size, die_after)
         chunk = data[w.have : end]
         w.append(chunk)
-        self.from_peers[name] = self.from_peers.get(name, 0) + len(chunk)
         progress(len(chunk))
         if end < size:
-            raise _PeerError("failed (connection reset)", len(chunk))
+            raise PeerError("failed (connection reset)", len(chunk))
         return len(chunk)
+
+
+def scripted(origin: Path, hexdigest: str, peers: dict[str, tuple[bytes, int | None]]) -> tuple[Sources, ScriptedPeers]:
+    """Sources whose peers (tried in the order given) are scripted; the origin is a real
+    file:// URL."""
+    spec = {"urls": {hexdigest: f"file://{origin}"}}
+    nodes = {n: {"url": "http://x", "token": "t"} for n in peers}
+    transfer = ScriptedPeers(peers)
+    return Sources(spec, {"nodes": nodes, "blobs": {hexdigest: list(peers)}}, transfer=transfer), transfer
 
 
 @pytest.fixture
@@ -164,7 +170,7 @@ def _run(src: Sources, tmp_path: Path, hexdigest: str, size: int, prefix: bytes 
 
 def test_a_dead_peer_hands_over_to_the_next_without_losing_bytes(tmp_path, blob) -> None:
     origin, data, h = blob
-    src = ScriptedPeers(origin, h, {"a": (data, 100_000), "b": (data, 250_000)})
+    src, _ = scripted(origin, h, {"a": (data, 100_000), "b": (data, 250_000)})
     assert _run(src, tmp_path, h, len(data)) == data
     assert src.from_peers == {"a": 100_000, "b": 150_000} and src.origin_bytes == 50_000
     assert [(b["peer"], b["corrupt"]) for b in src.report()["bad_peers"]] == [("a", False), ("b", False)]
@@ -172,18 +178,18 @@ def test_a_dead_peer_hands_over_to_the_next_without_losing_bytes(tmp_path, blob)
 
 def test_a_lone_corrupt_peer_is_convicted_and_the_next_source_sends_it_whole(tmp_path, blob) -> None:
     origin, data, h = blob
-    src = ScriptedPeers(origin, h, {"liar": (_bad(data, 5), None), "good": (data, None)})
+    src, peers = scripted(origin, h, {"liar": (_bad(data, 5), None), "good": (data, None)})
     assert _run(src, tmp_path, h, len(data)) == data
     bad = src.report()["bad_peers"]
     assert [(b["peer"], b["corrupt"]) for b in bad] == [("liar", True)]
-    assert src.reported == ["liar"]  # told, so that it re-hashes its own copy
+    assert peers.reported == ["liar"]  # told, so that it re-hashes its own copy
     assert src.from_peers == {"liar": len(data), "good": len(data)} and src.origin_bytes == 0
 
 
 def test_a_copy_from_several_peers_that_fails_convicts_nobody(tmp_path, blob) -> None:
     origin, data, h = blob
     # "relay" corrupts the first part and dies; "root" completes honestly; the origin resends.
-    src = ScriptedPeers(origin, h, {"relay": (_bad(data, 5), 100_000), "root": (data, None)})
+    src, _ = scripted(origin, h, {"relay": (_bad(data, 5), 100_000), "root": (data, None)})
     assert _run(src, tmp_path, h, len(data)) == data
     bad = {b["peer"]: b for b in src.report()["bad_peers"] if "did not verify" in b["error"]}
     assert set(bad) == {"relay", "root"} and not any(b["corrupt"] for b in bad.values())
@@ -192,7 +198,7 @@ def test_a_copy_from_several_peers_that_fails_convicts_nobody(tmp_path, blob) ->
 
 def test_a_bad_prefix_left_by_an_earlier_warm_blames_no_peer(tmp_path, blob) -> None:
     origin, data, h = blob
-    src = ScriptedPeers(origin, h, {"good": (data, None)})
+    src, _ = scripted(origin, h, {"good": (data, None)})
     assert _run(src, tmp_path, h, len(data), prefix=_bad(data, 3)[:1000]) == data
     assert src.report()["bad_peers"] == [] and src.origin_bytes == 0
 
@@ -202,7 +208,7 @@ def test_a_corrupt_origin_is_still_an_integrity_error(tmp_path, blob) -> None:
 
     origin, data, h = blob
     origin.write_bytes(_bad(data, 200_000))
-    src = ScriptedPeers(origin, h, {"dead": (data, 10)})
+    src, _ = scripted(origin, h, {"dead": (data, 10)})
     with pytest.raises(IntegrityError):
         _run(src, tmp_path, h, len(data))
 
@@ -453,7 +459,7 @@ def test_a_peer_killed_mid_transfer_the_receiver_finishes_from_the_origin(lab: L
 def test_blob_endpoint_needs_a_token_serves_ranges_and_peer_tokens_open_nothing_else(lab: Lab) -> None:
     import httpx
 
-    from weightship.node.serve_http import peer_token
+    from weightship.node.protocol import peer_token
 
     agent = lab.agents[0]
     h = next(p.name for p in (agent.cache / "blobs" / "sha256").iterdir())
@@ -511,7 +517,7 @@ def test_node_warm_hot_reads_the_release_into_the_page_cache(tmp_path: Path, key
 
     from tests.fleetkit import model
     from weightship import release as rel_mod
-    from weightship.fleet.orchestrate import build_request
+    from weightship.fleet.plan import build_request
     from weightship.store import open_store
 
     key, _ = keypair

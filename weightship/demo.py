@@ -110,8 +110,9 @@ def warm_demo_region(ws: Path, store, pub: Path, out: Callable[[str], None]) -> 
     import asyncio
 
     from weightship import config, release
-    from weightship.fleet import orchestrate as w
+    from weightship.fleet import orchestrate
     from weightship.fleet.inventory import load_fleet
+    from weightship.fleet.plan import build_request
     from weightship.fleet.transports import for_node
 
     nodes = "".join(
@@ -127,18 +128,17 @@ def warm_demo_region(ws: Path, store, pub: Path, out: Callable[[str], None]) -> 
         return for_node(node, policy=policy, config_path=str(config_path))
 
     rel = release.resolve(store, "demo:prod")
-    req = w.build_request(store, rel, tags=["prod"])
-    rows = asyncio.run(w.warm_nodes(region.nodes, req, transport_for))
-    ready = sum(r.ready for r in rows)
-    fetched = sum(r.bytes_fetched or 0 for r in rows)
+    req = build_request(store, rel, tags=["prod"])
+    warmed = asyncio.run(orchestrate.warm_region(region, rel, req, transport_for, ref="demo:prod"))
+    fetched = sum(r.bytes_fetched or 0 for r in warmed.nodes)
     out(
-        f"7. weightship warm demo:prod --region demo: {ready}/{len(rows)} local nodes ready "
+        f"7. weightship warm demo:prod --region demo: {warmed.count}/{len(warmed.nodes)} local nodes ready "
         f"({human_bytes(fetched)} fetched, every sha256 and the node's policy checked)"
     )
-    query = w.Query("demo:prod", rel.version, rel.digest)
-    statuses = asyncio.run(w.status_nodes(region.nodes, lambda n: query, transport_for))
+    queries = {region.name: orchestrate.Query("demo:prod", rel.version, rel.digest)}
+    statuses = asyncio.run(orchestrate.status_regions([region], queries, transport_for, ref="demo:prod"))
     out("8. weightship status demo:prod --region demo:")
-    for s in statuses:
+    for s in statuses.nodes:
         signer = "signature verified" if s.get("verified") else "not verified"
         out(f"   {s['node']}: {s['state']}, prod -> {s.get('tag_version')}, {signer}: {s['cache']}/models/demo/prod")
     return config_path

@@ -34,6 +34,7 @@ from weightship.errors import (
 from weightship.progress import Reporter
 from weightship.store import Store, takes_chunk_crc32
 from weightship.store.file import fsync_dir, write_new_file
+from weightship.store.layout import legacy_signature_key, manifest_key, signature_key, tag_key
 from weightship.trust import oms
 from weightship.trust.bundle import verify_bundle
 from weightship.trust.policy import SignerInfo, TrustPolicy
@@ -41,27 +42,6 @@ from weightship.trust.signers import Signer
 from weightship.trust.verify import compare, safe_ignores
 
 UPLOAD_WORKERS = 4
-
-
-def manifest_key(name: str, version: str) -> str:
-    return f"releases/{name}/{version}/manifest.json"
-
-
-def signature_key(name: str, version: str, digest: str) -> str:
-    """Where the signature of the manifest with ``digest`` lives. Keyed by the manifest's
-    digest, not by the version alone: two publishers racing for one version each write
-    their own signature, and the one whose manifest wins the exclusive write is the one
-    every reader finds (the loser's is deleted, or left as an orphan prune collects)."""
-    return f"releases/{name}/{version}/sha256-{digest.removeprefix('sha256:')}.sig"
-
-
-def legacy_signature_key(name: str, version: str) -> str:
-    """Where weightship 0.1.0 wrote every signature; still read for releases it published."""
-    return f"releases/{name}/{version}/{pack.SIGNATURE_FILE}"
-
-
-def tag_key(name: str, tag: str) -> str:
-    return f"tags/{name}/{tag}"
 
 
 def digest_of(data: bytes) -> str:

@@ -21,7 +21,9 @@ from weightship.errors import IntegrityError, ModelError
 SCHEMA = "weightship.manifest/v1"
 # What pull and node caches write into a release directory themselves: no file of the
 # release may take these names (its bytes would be written over, or over them).
-RESERVED_PATHS = frozenset({"model.sig"})
+# The signature's name in a model directory (OMS, as model_signing writes it).
+SIGNATURE_FILE = "model.sig"
+RESERVED_PATHS = frozenset({SIGNATURE_FILE})
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from weightship.artifact import hashing, tensors
 from weightship.artifact.digestcache import DigestCache
-from weightship.artifact.manifest import FileEntry, Manifest, check_relpath, path_sort_key
+from weightship.artifact.manifest import SIGNATURE_FILE, FileEntry, Manifest, check_relpath, path_sort_key
 from weightship.errors import ModelError
 
-SIGNATURE_FILE = "model.sig"
 # The reference signer leaves these out of every signature; so do we, so that a
 # signature made by either tool verifies with the other.
 DEFAULT_IGNORES = (".git", ".gitattributes", ".github", ".gitignore", SIGNATURE_FILE)

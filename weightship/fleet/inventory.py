@@ -111,11 +111,14 @@ class Fleet:
         if region:
             return [self.region(region)]
         if not self.regions:
-            raise ConfigError(
-                "no fleet configured",
-                "add [regions.NAME] tables to weightship.toml or pass --fleet FILE (see docs)",
+            raise NoFleet(
+                "no fleet configured", "add [regions.NAME] tables to weightship.toml or use a fleet file (see docs)"
             )
         return [self.regions[r] for r in sorted(self.regions)]
+
+
+class NoFleet(ConfigError):
+    """Neither weightship.toml nor a fleet file names any region."""
 
 
 def parse_size(value: Any) -> int:
@@ -133,7 +136,8 @@ def parse_size(value: Any) -> int:
 
 
 def load_fleet(config_data: dict[str, Any], config_path: Path | None, fleet_file: Path | None = None) -> Fleet:
-    """The fleet from ``--fleet FILE`` (or WEIGHTSHIP_FLEET), else from weightship.toml."""
+    """The fleet from ``fleet_file`` (or the file WEIGHTSHIP_FLEET names), else from
+    weightship.toml (``config_data``, as read from ``config_path``)."""
     if fleet_file is None and os.environ.get("WEIGHTSHIP_FLEET"):
         fleet_file = Path(os.environ["WEIGHTSHIP_FLEET"])
     if fleet_file is not None:

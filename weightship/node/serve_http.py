@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -50,11 +49,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
-from weightship import __version__
 from weightship.errors import UsageError, WeightshipError
-from weightship.node.cache import PROTOCOL, NodeCache, WarmRequest
+from weightship.node.protocol import PROTOCOL, WarmRequest, check_peer_token
+from weightship.version import __version__
+
+if TYPE_CHECKING:
+    # Only the app's caller (``agent serve``) builds the engine: importing this module
+    # does not load it.
+    from weightship.node.arrivals import PeerBlob
+    from weightship.node.cache import NodeCache
 
 MAX_JOBS = 200
 # Bytes per body message of a peer stream.
@@ -66,34 +72,21 @@ PEER_STALL = 20.0
 PEER_HOLD = 10.0
 _BLOB_PATH = re.compile(r"^/v1/blobs/sha256/[0-9a-f]{64}$")
 _CHECK_PATH = re.compile(r"^/v1/blobs/sha256/[0-9a-f]{64}/check$")
+# What the blob handler answers (a name that is no digest: 404, as for any blob not here).
+_BLOB_ROUTE = re.compile(r"^/v1/blobs/sha256/[^/]+$")
 # A blob found sound is not re-hashed on another report within this long: a peer token
 # holder could otherwise keep the node's disk and CPU busy re-reading a large shard.
 CHECK_QUIET = 600.0
 # At most 20 digits: int() refuses more than 4300, which would answer 500.
 _RANGE = re.compile(r"bytes=([0-9]{1,20})-([0-9]{0,20})")
-_EXPIRES = re.compile(r"[0-9]{1,20}")
 
 
-def peer_token(token: str, expires: int) -> str:
-    """A read-only credential for this agent's blob endpoint, valid until ``expires``
-    (Unix time), derived from the agent's token: whoever holds the agent token can mint
-    one, and one reveals nothing about the agent token."""
-    mac = hmac.new(token.encode(), f"weightship-peer-read:{expires}".encode(), hashlib.sha256).hexdigest()
-    return f"peer.{expires}.{mac}"
-
-
-def check_peer_token(token: str, presented: str, now: float | None = None) -> bool:
-    """Whether ``presented`` is a peer token minted with ``token`` that has not expired.
-    Anything malformed is False, never an exception: the header comes from anyone."""
-    parts = presented.split(".")
-    # ASCII digits only, and few of them: str.isdigit() accepts '²', which int() refuses,
-    # and int() refuses more than 4300 digits; either would answer 500 instead of 401.
-    if len(parts) != 3 or parts[0] != "peer" or not _EXPIRES.fullmatch(parts[1]):
-        return False
-    expires = int(parts[1])
-    if expires < (time.time() if now is None else now):
-        return False
-    return hmac.compare_digest(peer_token(token, expires).encode(), presented.encode())
+async def _send_json(send, status: int, doc: dict[str, Any], headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """A JSON answer in plain ASGI, as Starlette's JSONResponse writes it."""
+    body = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    start = [*headers, (b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass
@@ -159,16 +152,23 @@ def create_app(cache: NodeCache, token: str):
 
         async def __call__(self, scope, receive, send) -> None:
             if scope["type"] == "http":
-                got = dict(scope["headers"]).get(b"authorization", b"")
+                got = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
                 if not hmac.compare_digest(got, expected) and not _peer_read(scope, got):
-                    resp = JSONResponse(
-                        {"error": "missing or wrong bearer token"},
-                        status_code=401,
-                        headers={"WWW-Authenticate": "Bearer"},
+                    await _send_json(
+                        send, 401, {"error": "missing or wrong bearer token"}, [(b"www-authenticate", b"Bearer")]
                     )
-                    await resp(scope, receive, send)
+                    return
+                if scope["method"] in ("GET", "HEAD") and _BLOB_ROUTE.match(scope["path"]):
+                    # Straight to the handler: a warm of many small files asks a peer for
+                    # each of them, and the router, middleware and response classes cost
+                    # more CPU than the blob.
+                    await blob(scope, receive, send)
                     return
             await self.app(scope, receive, send)
+
+    # Peer tokens already checked, with their expiry: a warm's peers present the same
+    # token for every blob, and one HMAC each is enough.
+    peer_tokens: dict[bytes, int] = {}
 
     def _peer_read(scope, got: bytes) -> bool:
         # A peer token opens the blob endpoint (and the report that a blob from it was
@@ -180,7 +180,16 @@ def create_app(cache: NodeCache, token: str):
             return False
         if not got.startswith(b"Bearer peer."):
             return False
-        return check_peer_token(token, got[len(b"Bearer ") :].decode(errors="replace"))
+        expires = peer_tokens.get(got)
+        if expires is not None:
+            return expires >= time.time()
+        presented = got[len(b"Bearer ") :].decode(errors="replace")
+        if not check_peer_token(token, presented):
+            return False
+        if len(peer_tokens) >= 1024:
+            peer_tokens.clear()
+        peer_tokens[got] = int(presented.split(".")[1])
+        return True
 
     def error(e: Exception, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=status)
@@ -307,12 +316,15 @@ def create_app(cache: NodeCache, token: str):
             return error(e)
         return JSONResponse(result)
 
-    async def blob(request: Request):
-        h = request.path_params["hex"]
+    async def blob(scope, receive, send) -> None:
+        """``GET /v1/blobs/sha256/HEX``, in plain ASGI (see Auth)."""
+        h = scope["path"].rsplit("/", 1)[1]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         try:
-            wait = min(30.0, max(0.0, float(request.query_params.get("wait", "0"))))
+            wait = min(30.0, max(0.0, float(query.get("wait", ["0"])[-1])))
         except ValueError:
-            return error(ValueError("wait must be a number of seconds"))
+            await _send_json(send, 400, {"error": "wait must be a number of seconds"})
+            return
         now = time.monotonic()
         deadline, hold = now + wait, now + PEER_HOLD
         loop = asyncio.get_running_loop()
@@ -334,72 +346,94 @@ def create_app(cache: NodeCache, token: str):
                 continue
             break
         if found == "absent":
-            return error(LookupError(f"blob {h[:12]}… is not on this node"), 404)
+            await _send_json(send, 404, {"error": f"blob {h[:12]}… is not on this node"})
+            return
         if found == "queued":
-            return JSONResponse(
-                {"state": "queued", "error": f"blob {h[:12]}… is queued behind this node's other downloads"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
+            doc = {"state": "queued", "error": f"blob {h[:12]}… is queued behind this node's other downloads"}
+            await _send_json(send, 503, doc, [(b"retry-after", b"1")])
+            return
         assert not isinstance(found, str)
         blob = found
+        try:
+            await _send_blob(scope, receive, send, blob, loop)
+        finally:
+            blob.close()
+
+    async def blob_elsewhere(request: Request) -> JSONResponse:
+        raise AssertionError("GET and HEAD of a blob are answered before routing")
+
+    async def _send_blob(scope, receive, send, blob: PeerBlob, loop: asyncio.AbstractEventLoop) -> None:
         start, end = 0, blob.size
-        rng = request.headers.get("range")
-        if rng:
-            m = _RANGE.fullmatch(rng.strip())
+        # An empty Range header asks for no range: the whole blob.
+        rng = next((v for k, v in scope["headers"] if k == b"range"), None) or None
+        if rng is not None:
+            m = _RANGE.fullmatch(rng.decode("latin-1").strip())
             if not m:
-                blob.close()
-                return error(ValueError("only Range: bytes=START- or bytes=START-END is served"), 416)
+                await _send_json(send, 416, {"error": "only Range: bytes=START- or bytes=START-END is served"})
+                return
             start = int(m.group(1))
             if m.group(2):
                 end = min(blob.size, int(m.group(2)) + 1)
             if start > end or (start == end and blob.size):
-                blob.close()
-                return JSONResponse(
-                    {"error": "range outside the blob"},
-                    status_code=416,
-                    headers={"Content-Range": f"bytes */{blob.size}"},
-                )
-        headers = {
-            "Content-Length": str(end - start),
-            "Accept-Ranges": "bytes",
-            "X-Weightship-Blob": "complete" if blob.complete else "arriving",
-        }
-        if rng:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+                headers = [(b"content-range", f"bytes */{blob.size}".encode())]
+                await _send_json(send, 416, {"error": "range outside the blob"}, headers)
+                return
+        headers = [
+            (b"content-length", str(end - start).encode()),
+            (b"accept-ranges", b"bytes"),
+            (b"x-weightship-blob", b"complete" if blob.complete else b"arriving"),
+        ]
+        if rng is not None:
+            headers.append((b"content-range", f"bytes {start}-{end - 1}/{blob.size}".encode()))
+        headers.append((b"content-type", b"application/octet-stream"))
+        await send({"type": "http.response.start", "status": 206 if rng is not None else 200, "headers": headers})
+        if blob.complete and end - start <= PEER_CHUNK:
+            # The common case of a small file: one message, nothing to wait for.
+            data = blob.read(start, end - start) if scope["method"] != "HEAD" else b""
+            await send({"type": "http.response.body", "body": data})
+            return
+        # A longer body, or one still arriving: stop when the receiver hangs up (the
+        # server drops what is sent after that, which would read the rest for nothing).
+        gone = asyncio.Event()
 
-        async def body():
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
             pos = start
-            try:
-                while pos < end:
-                    avail = blob.available()
-                    if avail > pos:
-                        # Read in the event loop: what peers ask for was just written or
-                        # verified here and is in the page cache; a thread hop per MiB costs more.
-                        data = blob.read(pos, min(PEER_CHUNK, end - pos, avail - pos))
-                        if not data:
-                            return
-                        pos += len(data)
-                        yield data
-                        continue
-                    ticks = blob.ticks()
-                    state = blob.state()
-                    if state == "gone":
-                        return  # the download failed or started over: the receiver goes elsewhere
-                    if state == "complete" or blob.available() > pos:
-                        continue
-                    more = asyncio.Event()
-                    if not blob.wait(ticks, lambda ev=more: loop.call_soon_threadsafe(ev.set)):
-                        continue
-                    try:
-                        await asyncio.wait_for(more.wait(), PEER_STALL)
-                    except asyncio.TimeoutError:
-                        return  # stalled: a short body tells the receiver to go on elsewhere
-            finally:
-                blob.close()
-
-        status = 206 if rng else 200
-        return StreamingResponse(body(), status_code=status, headers=headers, media_type="application/octet-stream")
+            while pos < end and not gone.is_set():
+                avail = blob.available()
+                if avail > pos:
+                    # Read in the event loop: what peers ask for was just written or
+                    # verified here and is in the page cache; a thread hop per MiB costs more.
+                    data = blob.read(pos, min(PEER_CHUNK, end - pos, avail - pos))
+                    if not data:
+                        break
+                    pos += len(data)
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    continue
+                ticks = blob.ticks()
+                state = blob.state()
+                if state == "gone":
+                    break  # the download failed or started over: the receiver goes elsewhere
+                if state == "complete" or blob.available() > pos:
+                    continue
+                more = asyncio.Event()
+                if not blob.wait(ticks, lambda ev=more: loop.call_soon_threadsafe(ev.set)):
+                    continue
+                try:
+                    await asyncio.wait_for(more.wait(), PEER_STALL)
+                except asyncio.TimeoutError:
+                    break  # stalled: a short body tells the receiver to go on elsewhere
+            if pos == end:
+                await send({"type": "http.response.body", "body": b""})
+            # Otherwise the response stays short of its Content-Length and the server closes
+            # the connection: what tells the receiver to go on from another source.
+        finally:
+            watcher.cancel()
 
     routes = [
         Route("/v1/health", health),
@@ -410,7 +444,8 @@ def create_app(cache: NodeCache, token: str):
         Route("/v1/gc", gc, methods=["POST"]),
         Route("/v1/verify", verify, methods=["POST"]),
         Route("/v1/have", have, methods=["POST"]),
-        Route("/v1/blobs/sha256/{hex:str}", blob, methods=["GET"]),
+        # GET and HEAD never get here (see Auth): the route answers other methods 405.
+        Route("/v1/blobs/sha256/{hex:str}", blob_elsewhere, methods=["GET"]),
         Route("/v1/blobs/sha256/{hex:str}/check", check, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
@@ -438,7 +473,7 @@ def _preload() -> None:
     import httpx  # noqa: F401
 
     import weightship.release  # noqa: F401
-    from weightship.node.fetch import shared_ssl_context
+    from weightship.node.tls import shared_ssl_context
 
     shared_ssl_context()
 
@@ -532,6 +567,8 @@ def serve(
         log_level="warning",
         access_log=False,
         lifespan="off",
+        # Nothing here uses the client's address: no middleware rewriting it per request.
+        proxy_headers=False,
         # Event streams of long warms are held open; shutdown should not wait on them.
         timeout_graceful_shutdown=2,
         ssl_certfile=tls_cert if tls else None,

@@ -13,11 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from weightship.store.layout import blob_key
+
 Progress = Callable[[int], None]
-
-
-def blob_key(hexdigest: str) -> str:
-    return f"blobs/sha256/{hexdigest}"
 
 
 class Store(ABC):

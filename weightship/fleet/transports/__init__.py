@@ -1,6 +1,6 @@
 """Transports carry a request to a node's engine and its events back; nothing more.
 
-``local`` runs :class:`weightship.node.NodeCache` in this process, ``ssh`` runs
+``local`` runs :class:`weightship.node.cache.NodeCache` in this process, ``ssh`` runs
 ``weightship node …`` on the node over asyncssh, ``agent`` talks to ``weightship agent
 serve`` over HTTP. Every one answers with the engine's own result events, and turns a
 node it cannot reach into :class:`NodeUnreachable` rather than a crash.

@@ -1,7 +1,8 @@
-"""``agent``: the httpx client of ``weightship agent serve`` (see weightship.agent)."""
+"""``agent``: the httpx client of ``weightship agent serve`` (see weightship.node.serve_http)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 from weightship.errors import ConfigError
 from weightship.fleet.inventory import Node
 from weightship.fleet.transports.base import CONNECT_TIMEOUT, NodeFailed, NodeUnreachable, OnEvent, Transport
-from weightship.node.cache import WarmRequest
-from weightship.node.fetch import shared_ssl_context
+from weightship.node.protocol import WarmRequest
+from weightship.node.tls import shared_ssl_context
 
 # A warm's event stream is re-opened this many times (from the last event seen) when the
 # connection drops; the job goes on in the agent meanwhile.
@@ -45,31 +46,49 @@ def ca_context(node: Node) -> Any:
 
 
 class AgentTransport(Transport):
+    """One agent, over one ``httpx.AsyncClient``: every call of this transport (a warm's
+    request and its event stream, status, gc, have) reuses its kept-alive connections,
+    where a client per call paid a TCP (and TLS) handshake each time. ``close()`` ends it."""
+
     def __init__(self, node: Node) -> None:
         self.node = node
         self.base = node.agent_url
         self._token = node.read_token()
         self._verify = ca_context(node) if node.ca else shared_ssl_context()
+        self._http: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _client(self):
+    def _client(self) -> Any:
+        """The transport's client, made on first use. A client's connections belong to the
+        event loop that opened them: called from another loop (a second asyncio.run), it
+        starts a new client rather than reuse connections of a loop that is gone."""
         import httpx
 
-        return httpx.AsyncClient(
-            base_url=self.base,
-            headers={"Authorization": f"Bearer {self._token}"},
-            timeout=httpx.Timeout(60.0, connect=CONNECT_TIMEOUT),
-            verify=self._verify,
-        )
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._loop is not loop:
+            self._http = httpx.AsyncClient(
+                base_url=self.base,
+                headers={"Authorization": f"Bearer {self._token}"},
+                timeout=httpx.Timeout(60.0, connect=CONNECT_TIMEOUT),
+                verify=self._verify,
+            )
+            self._loop = loop
+        return self._http
 
     async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         import httpx
 
         try:
-            async with self._client() as c:
-                resp = await c.request(method, path, **kw)
+            resp = await self._client().request(method, path, **kw)
         except httpx.TransportError as e:
             raise NodeUnreachable(f"agent {self.base}: {_reason(e, self.node)}") from None
         return self._json(resp)
+
+    async def close(self) -> None:
+        http, self._http = self._http, None
+        loop, self._loop = self._loop, None
+        if http is not None and loop is asyncio.get_running_loop():
+            await http.aclose()
 
     def _json(self, resp) -> dict[str, Any]:
         try:
@@ -93,10 +112,9 @@ class AgentTransport(Transport):
         seen = 0
         for _attempt in range(STREAM_RECONNECTS + 1):
             try:
-                async with (
-                    self._client() as c,
-                    c.stream("GET", f"/v1/jobs/{job}/events", params={"from": seen}, timeout=None) as resp,
-                ):
+                async with self._client().stream(
+                    "GET", f"/v1/jobs/{job}/events", params={"from": seen}, timeout=None
+                ) as resp:
                     if resp.status_code != 200:
                         await resp.aread()
                         self._json(resp)

@@ -10,7 +10,7 @@ from weightship.errors import WeightshipError
 
 if TYPE_CHECKING:
     from weightship.fleet.inventory import Node
-    from weightship.node.cache import WarmRequest
+    from weightship.node.protocol import WarmRequest
 
 OnEvent = Callable[[dict[str, Any]], None]
 CONNECT_TIMEOUT = 10.0

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from weightship.fleet.inventory import Node
 from weightship.fleet.transports.base import NodeFailed, OnEvent, Transport
-from weightship.node.cache import NodeCache, WarmRequest
+from weightship.node.cache import NodeCache
+from weightship.node.protocol import WarmRequest
 from weightship.trust.policy import TrustPolicy
 
 T = TypeVar("T")

@@ -26,7 +26,7 @@ from weightship.fleet.transports.base import (
     OnEvent,
     Transport,
 )
-from weightship.node.cache import WarmRequest
+from weightship.node.protocol import WarmRequest
 
 
 def _client_factory(accept_new: bool, state: dict[str, Any], known: Any, record_in: Path | None):

@@ -1,0 +1,268 @@
+"""Commands on releases in a store: ``publish``, ``ls``, ``show``, ``tag``, ``pull``; and
+``demo``, the whole pipeline on a store of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weightship.cli.options import (
+    CertChainOpt,
+    GithubOpt,
+    IdentityOpt,
+    IdentityRegexOpt,
+    IgnoreOpt,
+    IssuerOpt,
+    JsonOpt,
+    KeyPasswordOpt,
+    OfflineOpt,
+    SignCertOpt,
+    SignKeyOpt,
+    SigstoreOpt,
+    StagingOpt,
+    StoreOpt,
+    TokenOpt,
+    TrustConfigOpt,
+    VerifyKeyOpt,
+    build_policy,
+    emit_json,
+    load_config,
+    make_signer,
+    open_store,
+    reporter,
+    say,
+)
+from weightship.errors import UsageError
+
+
+def publish(
+    ctx: typer.Context,
+    source: Annotated[
+        str,
+        typer.Argument(metavar="SOURCE", help="Model directory, or hf://ORG/MODEL[@REVISION] on the Hugging Face Hub."),
+    ],
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION to publish as.", metavar="NAME:VERSION")],
+    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Tag to point at it; repeatable.")] = None,
+    key: SignKeyOpt = None,
+    key_password: KeyPasswordOpt = None,
+    cert_chain: SignCertOpt = None,
+    sigstore: SigstoreOpt = False,
+    identity_token: TokenOpt = None,
+    staging: StagingOpt = False,
+    trust_config: TrustConfigOpt = None,
+    store: StoreOpt = None,
+    ignore: IgnoreOpt = None,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="hf:// only: glob of Hub files to take; repeatable.")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="hf:// only: glob of Hub files to leave out; repeatable.")
+    ] = None,
+    rehash: Annotated[
+        bool,
+        typer.Option("--rehash", help="Hash every file, even those the digest cache knows unchanged."),
+    ] = False,
+    json_: JsonOpt = False,
+    output_github: GithubOpt = None,
+) -> None:
+    """Pack, sign and push a model directory; unchanged blobs are not uploaded again."""
+    from weightship import release
+    from weightship.artifact import provenance
+    from weightship.cli import github
+    from weightship.progress import human_bytes
+
+    # Checked before any work, so that a misplaced --output-github costs no upload.
+    to_github = github.enabled(output_github)
+    signer = make_signer(
+        ctx, key, key_password, cert_chain, sigstore, identity_token, staging, trust_config, required=False
+    )
+    rep = reporter(ctx, json_)
+    source_info = provenance.collect()
+    packed = None
+    cache = None
+    if source.startswith("hf://"):
+        from weightship.artifact import hub
+
+        snap = hub.snapshot(source, include=include or [], exclude=exclude or [], ignore=ignore or [], reporter=rep)
+        packed = snap.packed
+        source_info.update(snap.source_info)
+    elif include or exclude:
+        raise UsageError("--include and --exclude apply to hf:// sources", "use --ignore for a directory")
+    elif not rehash:
+        from weightship.artifact.digestcache import DigestCache
+
+        cache = DigestCache(Path(source))
+    from weightship.store import open_store as open_url
+    from weightship.store import takes_chunk_crc32
+
+    store_url = load_config(ctx).store_url(store)
+    result = release.publish(
+        Path(source),
+        ref,
+        lambda: open_url(store_url),
+        tags_=tag or [],
+        signer=signer,
+        ignore=ignore or [],
+        source_info=source_info,
+        reporter=rep,
+        packed=packed,
+        cache=cache,
+        chunk_crc32=takes_chunk_crc32(store_url),
+    )
+    if to_github:
+        github.publish(result.to_dict())
+    if json_:
+        emit_json(result.to_dict())
+        return
+    say(
+        ctx,
+        f"uploaded {human_bytes(result.bytes_uploaded)} in {result.blobs_uploaded} blobs, "
+        f"skipped {human_bytes(result.bytes_skipped)} already in the store",
+    )
+    tags_txt = f" (tags: {', '.join(result.tags)})" if result.tags else ""
+    say(ctx, f"published {result.name}:{result.version}{tags_txt} [{result.signed}]")
+    print(result.digest)
+
+
+def ls(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Model name; all models when omitted.")] = None,
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List models, or one model's versions and tags."""
+    from weightship import release
+    from weightship.cli.render import render_models
+
+    st = open_store(ctx, store)
+    models = [name] if name else release.names(st)
+    doc = {m: {"versions": release.versions(st, m), "tags": release.tags(st, m)} for m in models}
+    if name and not doc[name]["versions"]:
+        from weightship.errors import NotFoundError
+
+        raise NotFoundError(f"no releases of {name} in {st.url}")
+    if json_:
+        emit_json(doc)
+        return
+    if not doc:
+        say(ctx, f"no releases in {st.url}")
+    render_models(doc)
+
+
+def show(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION, NAME:TAG or NAME@sha256:HEX.")],
+    store: StoreOpt = None,
+    key: VerifyKeyOpt = None,
+    cert_chain: CertChainOpt = None,
+    identity: IdentityOpt = None,
+    identity_regex: IdentityRegexOpt = None,
+    issuer: IssuerOpt = None,
+    offline: OfflineOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show a release: digest, files, tensors, who signed it and where it came from."""
+    from weightship import release
+    from weightship.cli.render import render_release
+    from weightship.trust.bundle import describe_unverified
+
+    st = open_store(ctx, store)
+    rel = release.resolve(st, ref)
+    policy = build_policy(ctx, key, cert_chain, identity, issuer, identity_regex, offline)
+    if rel.signature is None:
+        signer_text, signer_doc = "unsigned", {"verified": False}
+    elif policy.required:
+        info = release.check_signature(rel, policy)
+        signer_text = f"{info.describe()} (verified)" if info else "unsigned"
+        signer_doc = {"verified": True, **(info.to_dict() if info else {})}
+    else:
+        signer_text = describe_unverified(rel.signature)
+        signer_doc = {"verified": False, "claimed": signer_text}
+    if json_:
+        doc = rel.manifest.to_dict()
+        # Not a manifest any more (digest, signer and tags added): it gets its own schema.
+        doc["schema"] = "weightship.show/v1"
+        doc["digest"] = rel.digest
+        doc["signer"] = signer_doc
+        doc["tags"] = sorted(t for t, v in release.tags(st, rel.name).items() if v == rel.version)
+        emit_json(doc)
+        return
+    render_release(rel, signer_text)
+
+
+def tag(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="Release to point at (NAME:VERSION, NAME:TAG, NAME@sha256:HEX).")],
+    new_tag: Annotated[str, typer.Argument(metavar="TAG", help="Tag to move, e.g. prod.")],
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Point a tag at a release (tags move; versions never change)."""
+    from weightship import release
+
+    st = open_store(ctx, store)
+    rel = release.move_tag(st, ref, new_tag)
+    if json_:
+        emit_json(
+            {
+                "schema": "weightship.tag/v1",
+                "name": rel.name,
+                "tag": new_tag,
+                "version": rel.version,
+                "digest": rel.digest,
+            }
+        )
+        return
+    say(ctx, f"{rel.name}:{new_tag} -> {rel.version} ({rel.digest})")
+
+
+def pull(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION, NAME:TAG or NAME@sha256:HEX.")],
+    dest: Annotated[Path, typer.Argument(help="New directory to materialise the release into.")],
+    store: StoreOpt = None,
+    key: VerifyKeyOpt = None,
+    cert_chain: CertChainOpt = None,
+    identity: IdentityOpt = None,
+    identity_regex: IdentityRegexOpt = None,
+    issuer: IssuerOpt = None,
+    offline: OfflineOpt = None,
+    sync: Annotated[
+        bool,
+        typer.Option(
+            "--sync",
+            help="fsync every file before DEST appears (at the disk's speed): a crash just after cannot lose it.",
+        ),
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Download a release into DEST, verifying every sha256 (and the signature under the policy)."""
+    from weightship import release
+    from weightship.progress import human_bytes
+
+    policy = build_policy(ctx, key, cert_chain, identity, issuer, identity_regex, offline)
+    st = open_store(ctx, store)
+    result = release.pull(st, ref, dest, policy=policy, reporter=reporter(ctx, json_), sync=sync)
+    if json_:
+        emit_json(result.to_dict())
+        return
+    signed = f", signature verified ({result.signer.get('method')})" if result.signer else ""
+    say(
+        ctx,
+        f"pulled {result.ref} ({result.version}) into {result.dest}: {result.files} files, "
+        f"{human_bytes(result.total_bytes)}, every sha256 verified{signed}",
+    )
+
+
+def demo(
+    ctx: typer.Context,
+    directory: Annotated[Path | None, typer.Option("--dir", help="Workspace (default: a new temporary one).")] = None,
+) -> None:
+    """Run the whole pipeline on an embedded file:// store: build, sign, publish, pull, verify."""
+    from weightship import demo as _demo
+    from weightship.progress import Reporter
+
+    # The demo narrates each step itself; transfer bars would only bury the story.
+    _demo.run(directory, Reporter(), out=lambda line: say(ctx, line))
