@@ -341,19 +341,7 @@ def start_seaweed(
         f"-admin.port.grpc={grpc['admin']}",
     ]
     log_path = base / "weed.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
-    try:
-        proc = subprocess.Popen(
-            args,
-            cwd=base,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    finally:
-        log.close()
+    proc = _spawn(args, base, log_path)
     server = S3Server(
         endpoint=f"http://{ip}:{ports['s3']}",
         access_key=access_key,
@@ -371,6 +359,24 @@ def start_seaweed(
         server.stop()
         raise
     return server
+
+
+def _spawn(args: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
+    """Start a server in a session of its own, output to ``log_path``, and dying with
+    the test process; stopped by PID (_ServerProcess.stop)."""
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
+    try:
+        return subprocess.Popen(
+            args,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        log.close()
 
 
 def _die_with_parent() -> None:
@@ -494,20 +500,8 @@ def start_azurite(tmp_dir: Path | str, *, binary: str | None = None, timeout: fl
         "--disableTelemetry",
     ]
     log_path = base / "azurite.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
-    try:
-        # The script's "#!/usr/bin/env node" execs node in place: the PID is the server's.
-        proc = subprocess.Popen(
-            args,
-            cwd=base,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    finally:
-        log.close()
+    # The script's "#!/usr/bin/env node" execs node in place: the PID is the server's.
+    proc = _spawn(args, base, log_path)
     server = AzuriteServer(
         endpoint=f"http://127.0.0.1:{port}",
         port=port,

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from weightship.errors import IntegrityError, write_error
@@ -205,13 +206,19 @@ class BlobWriter:
             os.close(fd)
 
 
-def read_capped(read, writer: BlobWriter, chunk: int, progress=None) -> int:
+def read_capped(
+    read: Callable[[int], bytes | memoryview],
+    writer: BlobWriter,
+    chunk: int,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Copy ``read(n)`` into ``writer`` until the source ends; return bytes appended.
     The source is asked for at most one byte past the blob's end, so a source that does
     not end (a device, a stream) costs one read past the size and fails with TooLarge."""
     n = 0
     while True:
-        data = read(min(chunk, writer.remaining + 1) if writer.remaining >= 0 else 1)
+        # append() refuses bytes past the size, so remaining is never negative.
+        data = read(min(chunk, writer.remaining + 1))
         if not data:
             return n
         writer.append(data)
