@@ -61,6 +61,13 @@ virtual disk would measure that disk, not the fan-out.
     python bench/fanout.py --link-mbit 0 --reps 1   # loopback: no namespaces, no throttling
     python bench/fanout.py --size-mib 256 --reps 1  # a quick look
     python bench/fanout.py --cache-root /var/tmp    # caches on disk
+    python bench/fanout.py --link-mbit 0 --prev-rev 2a0fe5f   # and an earlier commit, side by side
+
+``--prev-rev REV`` checks out an earlier commit (``git worktree``, removed at the end) and
+runs it side by side: its own 8 agents and its own CLI, each warm of the current code
+followed by the same warm of the earlier one (the order swapped every repetition), so
+that both see the same machine. The report then adds, per N and mode, the earlier
+implementation's wall time and store egress and its ratio to the current one.
 """
 
 from __future__ import annotations
@@ -77,13 +84,14 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import build_model, machine  # noqa: E402
+from common import build_model, git_worktree, machine  # noqa: E402
 from netlink import Region, exit_on_signal  # noqa: E402
 
 from tests.fleetkit import fleet_toml, node_toml, start_agents  # noqa: E402
@@ -96,6 +104,28 @@ LINK_MBIT = 200  # see the module docstring
 
 
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Impl:
+    """One implementation under test: its agents, its fleet file's directory, its CLI's env."""
+
+    label: str
+    agents: list
+    work: Path
+    env: dict[str, str]
+
+
+def check_imports(impl: Impl, tree: Path) -> None:
+    """The earlier implementation must import its own code, not this checkout's (an
+    editable install's path hook could win over PYTHONPATH): otherwise the comparison
+    compares the current code with itself."""
+    probe = "import weightship, sys; sys.stdout.write(weightship.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=impl.env, cwd=impl.work, capture_output=True, text=True, check=True
+    )
+    if not Path(out.stdout).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"{impl.label} imports weightship from {out.stdout}, not from {tree}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -154,6 +184,7 @@ class CpuMeter:
 
 
 def warm(work: Path, env: dict[str, str], region: str, peers: bool, pids: list[int]) -> dict:
+    """One ``weightship warm`` of ``region``, run by whichever implementation ``env`` imports."""
     cmd = [sys.executable, "-m", "weightship", "warm", "bench:prod", "--region", region, "--json"]
     if not peers:
         cmd.append("--no-peers")
@@ -186,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where the node caches live (default /dev/shm)",
     )
     ap.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
+    ap.add_argument("--prev-rev", default=None, help="also run this earlier commit, side by side")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.nodes.split(",")]
     rate = args.link_mbit
@@ -248,64 +280,94 @@ def main(argv: list[str] | None = None) -> int:
             region.throttle(rate, ["store"])
 
         places = [(region[n].ns_ip, region[n].ns) for n in names] if region else None
-        agents = start_agents(
-            [cache_root / n for n in names], node_toml(work_root / "node.toml", pub), {}, places=places
-        )
-        for a in agents:
-            stack.callback(a.stop)
-        work = work_root / "work"
-        work.mkdir()
-        # A node's address in the fleet file is the one its peers reach it at: with links,
-        # its namespace's, so that peer traffic crosses the links too.
-        regions = {f"n{n}": [a.node(names[i]) for i, a in enumerate(agents[:n])] for n in sizes}
-        (work / "weightship.toml").write_text(fleet_toml(regions, store, pub))
         # The CLI, and so the presigned URLs every node fetches, go through the counting proxy.
         env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
         env.update(s3.env(proxy.endpoint))
+        impls: list[Impl] = []
+        trees = [("current", None)]
+        if args.prev_rev:
+            trees.append((f"prev {args.prev_rev}", stack.enter_context(git_worktree(REPO, args.prev_rev, work_root))))
+        for label, tree in trees:
+            extra = {"PYTHONPATH": str(tree)} if tree else {}
+            tag = "prev-" if tree else ""
+            agents = start_agents(
+                [cache_root / f"{tag}{n}" for n in names],
+                node_toml(work_root / f"{tag}node.toml", pub),
+                extra,
+                places=places,
+            )
+            for a in agents:
+                stack.callback(a.stop)
+            work = work_root / f"{tag}work"
+            work.mkdir()
+            # A node's address in the fleet file is the one its peers reach it at: with links,
+            # its namespace's, so that peer traffic crosses the links too.
+            regions = {f"n{n}": [a.node(names[i]) for i, a in enumerate(agents[:n])] for n in sizes}
+            (work / "weightship.toml").write_text(fleet_toml(regions, store, pub))
+            impls.append(Impl(label, agents, work, {**env, **extra}))
+        if args.prev_rev:
+            check_imports(impls[1], trees[1][1])
 
-        results: dict[tuple[int, bool], list[dict]] = {}
+        results: dict[tuple[str, int, bool], list[dict]] = {}
         for rep in range(args.reps):
             for n in sizes:
                 for peers in (False, True):
-                    for a in agents[:n]:
-                        shutil.rmtree(a.cache, ignore_errors=True)
-                    proxy.reset()
-                    r = warm(work, env, f"n{n}", peers, [a.proc.pid for a in agents] + [s3.pid])
-                    ready = r["doc"]["ready"]
-                    if ready != n:
-                        raise SystemExit(f"only {ready}/{n} nodes ready: {r['doc']}")
-                    r["egress"] = proxy.down
-                    results.setdefault((n, peers), []).append(r)
-                    mode = "peers" if peers else "no-peers"
-                    print(
-                        f"  rep {rep + 1} N={n} {mode:<8} {r['wall']:6.2f}s  store sent "
-                        f"{r['egress'] / MIB:8.1f} MiB ({r['egress'] / total:.2f} x)  "
-                        f"CPUs {r['cpu']:.2f} (peak {r['cpu_peak']:.2f}, machine {r['machine']:.2f})",
-                        flush=True,
-                    )
+                    # Back to back, the order swapped every repetition: drifting load on the
+                    # machine falls on both implementations alike.
+                    for impl in impls if rep % 2 == 0 else impls[::-1]:
+                        for a in impl.agents[:n]:
+                            shutil.rmtree(a.cache, ignore_errors=True)
+                        proxy.reset()
+                        pids = [a.proc.pid for a in impl.agents] + [s3.pid]
+                        r = warm(impl.work, impl.env, f"n{n}", peers, pids)
+                        ready = r["doc"]["ready"]
+                        if ready != n:
+                            raise SystemExit(f"{impl.label}: only {ready}/{n} nodes ready: {r['doc']}")
+                        r["egress"] = proxy.down
+                        results.setdefault((impl.label, n, peers), []).append(r)
+                        mode = "peers" if peers else "no-peers"
+                        print(
+                            f"  rep {rep + 1} {impl.label:<14} N={n} {mode:<8} {r['wall']:6.2f}s  store sent "
+                            f"{r['egress'] / MIB:8.1f} MiB ({r['egress'] / total:.2f} x)  "
+                            f"CPUs {r['cpu']:.2f} (peak {r['cpu_peak']:.2f}, machine {r['machine']:.2f})",
+                            flush=True,
+                        )
 
         print()
         links = f"links {rate} Mbit/s each way" if rate else "no links (loopback)"
         print(f"medians of {args.reps} runs; release {total / MIB:.0f} MiB ({args.shards} shards); {links}")
         print(
-            f"{'N':>3}  {'mode':<9} {'wall s':>7}  {'store egress MiB':>16}  {'x release':>9}  "
-            f"{'CPUs':>5}  {'peak':>5}  {'machine':>7}"
+            f"{'implementation':<14} {'N':>3}  {'mode':<9} {'wall s':>7}  {'store egress MiB':>16}  "
+            f"{'x release':>9}  {'CPUs':>5}  {'peak':>5}  {'machine':>7}"
         )
-        med: dict[tuple[int, bool], tuple[float, float]] = {}
-        for n in sizes:
-            for peers in (False, True):
-                rs = results[(n, peers)]
-                wall = statistics.median(r["wall"] for r in rs)
-                egress = statistics.median(r["egress"] for r in rs)
-                cpu = statistics.median(r["cpu"] for r in rs)
-                peak = statistics.median(r["cpu_peak"] for r in rs)
-                busy = statistics.median(r["machine"] for r in rs)
-                med[(n, peers)] = (wall, egress)
-                mode = "peers" if peers else "no-peers"
-                print(
-                    f"{n:>3}  {mode:<9} {wall:7.2f}  {egress / MIB:16.1f}  {egress / total:9.2f}  "
-                    f"{cpu:5.2f}  {peak:5.2f}  {busy:7.2f}"
-                )
+        meds: dict[tuple[str, int, bool], tuple[float, float]] = {}
+        for impl in impls:
+            for n in sizes:
+                for peers in (False, True):
+                    rs = results[(impl.label, n, peers)]
+                    wall = statistics.median(r["wall"] for r in rs)
+                    egress = statistics.median(r["egress"] for r in rs)
+                    cpu = statistics.median(r["cpu"] for r in rs)
+                    peak = statistics.median(r["cpu_peak"] for r in rs)
+                    busy = statistics.median(r["machine"] for r in rs)
+                    meds[(impl.label, n, peers)] = (wall, egress)
+                    mode = "peers" if peers else "no-peers"
+                    print(
+                        f"{impl.label:<14} {n:>3}  {mode:<9} {wall:7.2f}  {egress / MIB:16.1f}  "
+                        f"{egress / total:9.2f}  {cpu:5.2f}  {peak:5.2f}  {busy:7.2f}"
+                    )
+        if len(impls) > 1:
+            cur, prev = impls[0].label, impls[1].label
+            print()
+            print(f"current / {prev}, wall time (paired per repetition, median) and store egress:")
+            for n in sizes:
+                for peers in (False, True):
+                    pairs = zip(results[(cur, n, peers)], results[(prev, n, peers)], strict=True)
+                    paired = statistics.median(c["wall"] / p["wall"] for c, p in pairs)
+                    egress = meds[(cur, n, peers)][1] / max(1, meds[(prev, n, peers)][1])
+                    mode = "peers" if peers else "no-peers"
+                    print(f"  N={n} {mode:<8} wall {paired:5.2f} x   egress {egress:5.2f} x")
+        med = {(n, peers): meds[(impls[0].label, n, peers)] for n in sizes for peers in (False, True)}
         print()
         worst = max(med[(n, True)][1] / total for n in sizes)
         ok_egress = worst <= EGRESS_TARGET

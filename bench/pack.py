@@ -22,11 +22,17 @@ the same condition, and the report says which.
 
     python bench/pack.py                          # 1 GiB, 8 shards, 3 repetitions
     python bench/pack.py --size-mib 64 --reps 1   # a quick look
+    python bench/pack.py --prev-rev 2a0fe5f       # and an earlier commit's pack and sign, side by side
+
+``--prev-rev REV`` checks out an earlier commit (``git worktree``, removed at the end) and
+adds its ``pack`` and ``sign`` to every repetition, with the current ones run the same way
+(``python -m weightship``, so start-up is alike), and reports current / earlier.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -41,7 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, check_sizes, parser
+from common import build_model, check_sizes, git_worktree, parser
+
+REPO = Path(__file__).resolve().parents[1]
 
 MIB = 1024 * 1024
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
@@ -55,6 +63,10 @@ class Tool:
     label: str
     argv: list[str]
     stdin: bytes | None = None
+    env: dict[str, str] | None = None  # None: this process's environment
+    # Where it runs: ``python -m`` imports from the working directory first, so the earlier
+    # implementation runs in its own checkout.
+    cwd: Path | None = None
     outputs: list[Path] = field(default_factory=list)  # removed before each run: no tool may find its old output
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -83,7 +95,13 @@ def drop_caches() -> None:
     DROP_CACHES.write_text("3\n")
 
 
-def run(argv: Sequence[str], stdin: bytes | None = None, capture: bool = False) -> tuple[float, float, bytes]:
+def run(
+    argv: Sequence[str],
+    stdin: bytes | None = None,
+    capture: bool = False,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[float, float, bytes]:
     """Wall and CPU seconds (user+sys of the child and its children) of one command."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -92,6 +110,8 @@ def run(argv: Sequence[str], stdin: bytes | None = None, capture: bool = False) 
         input=stdin,
         stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
         check=False,
     )
     wall = time.perf_counter() - start
@@ -119,6 +139,14 @@ def check_same_digests(ws: Path, model: Path, files: list[Path]) -> None:
     theirs = {Path(line.split(maxsplit=1)[1]).name: line.split()[0] for line in out.decode().splitlines()}
     if ours != theirs:
         raise SystemExit(f"weightship and sha256sum disagree:\n{ours}\n{theirs}")
+
+
+def check_imports(env: dict[str, str], tree: Path) -> None:
+    """The earlier implementation must import its own code, not this checkout's."""
+    probe = "import weightship, sys; sys.stdout.write(weightship.__file__)"
+    _, _, out = run([sys.executable, "-c", probe], capture=True, env=env, cwd=tree)
+    if not Path(out.decode()).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"PYTHONPATH={tree} imports weightship from {out.decode()}")
 
 
 def time_help(argv: list[str], runs: int) -> list[float]:
@@ -163,6 +191,14 @@ def report(
     print(f"{f'start-up ({args.help_runs} runs, warm)':<44} {'median s':>9} {'min s':>8}")
     for label, times in helps.items():
         print(f"{label:<44} {statistics.median(times):>9.3f} {min(times):>8.3f}")
+    if "prev_sign" in by_key:
+        print()
+        print(f"current / previous ({args.prev_rev}), both as python -m weightship, paired per repetition:")
+        for what in ("pack", "sign"):
+            cur, prev = by_key[f"cur_{what}"], by_key[f"prev_{what}"]
+            paired = statistics.median(c / p for c, p in zip(cur.wall, prev.wall, strict=True))
+            cpu = statistics.median(cur.cpu) / statistics.median(prev.cpu)
+            print(f"  {what:<5} wall {paired:5.2f} x   cpu s {cpu:5.2f} x   ({cur.median:.3f} s / {prev.median:.3f} s)")
     ms = by_key["ms_sign"]
     ratio = ref / ms.median
     # Same repetition, back to back: drifting background load cancels out better than across medians.
@@ -188,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--help-runs", type=int, default=10, help="timed runs of weightship --help (default 10)")
     ap.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto", help="auto: cold when permitted")
+    ap.add_argument("--prev-rev", default=None, help="also run this earlier commit's pack and sign, side by side")
     args = ap.parse_args(argv)
     check_sizes(ap, args)
 
@@ -203,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         else "warm page cache (every file in memory; disk speed not measured)"
     )
 
-    with tempfile.TemporaryDirectory(prefix="weightship-bench-", dir=args.workdir) as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="weightship-bench-", dir=args.workdir)))
         model = work / "model"
         t0 = time.perf_counter()
         print(f"building {args.size_mib} MiB model in {model} ...", flush=True)
@@ -246,6 +283,18 @@ def main(argv: list[str] | None = None) -> int:
             ),
             Tool("sha256sum", "sha256sum FILES", ["sha256sum", *map(str, files)]),
         ]
+        if args.prev_rev:
+            prev = stack.enter_context(git_worktree(REPO, args.prev_rev, work))
+            prev_env = {**os.environ, "PYTHONPATH": str(prev)}
+            check_imports(prev_env, prev)
+            impls = (("current", None, "cur", None), (f"prev {args.prev_rev}", prev_env, "prev", prev))
+            for label, env, tag, cwd in impls:
+                m = [py, "-m", "weightship"]
+                sig = work / f"{tag}.sig"
+                pack = [*m, "pack", str(model), "--json"]
+                tools.append(Tool(f"{tag}_pack", f"{label}: pack DIR --json", pack, env=env, cwd=cwd))
+                sign = [*m, "sign", str(model), "--key", str(key), "--signature", str(sig)]
+                tools.append(Tool(f"{tag}_sign", f"{label}: sign DIR", sign, env=env, cwd=cwd, outputs=[sig]))
         if shutil.which("openssl"):
             tools.append(
                 Tool(
@@ -258,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # One untimed run each: fails early with the tool's own message, compiles bytecode.
         for tool in tools:
-            run(tool.argv, tool.stdin)
+            run(tool.argv, tool.stdin, env=tool.env, cwd=tool.cwd)
 
         for rep in range(args.reps):
             # Rotate the order so that no tool always runs right after the same neighbour.
@@ -268,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                     out.unlink(missing_ok=True)
                 if cold:
                     drop_caches()
-                wall, cpu, _ = run(tool.argv, tool.stdin)
+                wall, cpu, _ = run(tool.argv, tool.stdin, env=tool.env, cwd=tool.cwd)
                 tool.wall.append(wall)
                 tool.cpu.append(cpu)
                 print(f"  rep {rep + 1}/{args.reps}  {tool.label:<44} {wall:7.3f} s  cpu {cpu:6.2f} s", flush=True)
