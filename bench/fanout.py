@@ -117,9 +117,8 @@ class Impl:
 
 
 def check_imports(impl: Impl, tree: Path) -> None:
-    """The earlier implementation must import its own code, not this checkout's (an
-    editable install's path hook could win over PYTHONPATH): otherwise the comparison
-    compares the current code with itself."""
+    """Each implementation must import its own code (an editable install elsewhere could
+    win over this checkout): otherwise the comparison compares one code with itself."""
     probe = "import weightship, sys; sys.stdout.write(weightship.__file__)"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=impl.env, cwd=impl.work, capture_output=True, text=True, check=True
@@ -305,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             regions = {f"n{n}": [a.node(names[i]) for i, a in enumerate(agents[:n])] for n in sizes}
             (work / "weightship.toml").write_text(fleet_toml(regions, store, pub))
             impls.append(Impl(label, agents, work, {**env, **extra}))
-        if args.prev_rev:
-            check_imports(impls[1], trees[1][1])
+        for impl, (_, tree) in zip(impls, trees, strict=True):
+            check_imports(impl, tree or REPO)
 
         results: dict[tuple[str, int, bool], list[dict]] = {}
         for rep in range(args.reps):

@@ -52,6 +52,7 @@ the control).
     python bench/transfer.py                              # 1 GiB, 8 shards, 3 repetitions
     python bench/transfer.py --size-mib 256 --reps 2      # a quick look
     python bench/transfer.py --prev /tmp/ws-prev          # an existing checkout as the previous one
+    python bench/transfer.py --current /tmp/ws-head --prev-rev 2a0fe5f   # two commits, neither installed
 """
 
 from __future__ import annotations
@@ -229,6 +230,12 @@ def prev_weightship(prev: Path, env: dict[str, str]) -> Weightship:
     return ws
 
 
+def current_weightship(checkout: Path | None, env: dict[str, str]) -> Weightship:
+    """The installed console script, or with ``--current`` another checkout run the way the
+    previous one is (a commit measured while the working tree is being edited)."""
+    return prev_weightship(checkout, env) if checkout else Weightship([str(weightship_script())], env)
+
+
 # -- the comparison --------------------------------------------------------------------------
 
 
@@ -237,7 +244,7 @@ def compare_tools(
 ) -> list[Tool]:
     py = sys.executable
     env = tool_env(server)
-    cur = Weightship([str(weightship_script())], env)
+    cur = current_weightship(args.current, env)
     old = prev_weightship(prev, env)
     impl = {"ws": cur, "prev": old}
     bucket = server.create_bucket("bench")
@@ -393,12 +400,14 @@ class Startup:
     store_imports: dict[str, list[str]]  # command -> the store modules it imported
 
 
-def startup_checks(server: S3Server, work: Path, key: Path, prev: Path) -> Startup:
+def startup_checks(server: S3Server, work: Path, key: Path, prev: Path, current: Path | None) -> Startup:
     env = tool_env(server)
     model = work / "tiny"  # what is imported does not depend on the size
     build_model(model, 1, 1)
-    cur = Weightship([str(weightship_script())], env)
+    cur = current_weightship(current, env)
     cur_m = Weightship([sys.executable, "-m", "weightship"], env, cwd=work)
+    if current:
+        cur_m = prev_weightship(current, env)
     old = prev_weightship(prev, env)
 
     def walls(ws: Weightship, n: int = 5) -> list[float]:
@@ -521,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--prev", type=Path, default=None, help="a checkout of the previous implementation")
     ap.add_argument(
+        "--current", type=Path, default=None, help="a checkout to run as the current one (default: the installed one)"
+    )
+    ap.add_argument(
         "--prev-rev",
         default=None,
         help=f"commit to check out as the previous implementation (default: the newest with {PREV_MARKER})",
@@ -560,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SeaweedFS {server.endpoint} (pid {server.pid}, data {server.data_dir})", flush=True)
         print(f"load average {loadavg()}", flush=True)
         tools = compare_tools(args, server, work, model, model_b, key, prev, total)
-        start = startup_checks(server, work, key, prev)
+        start = startup_checks(server, work, key, prev, args.current)
         print(f"load average {loadavg()}", flush=True)
     ok = report(tools, start, total, args, prev_rev)
     if args.json:
