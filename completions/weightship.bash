@@ -5,41 +5,45 @@
 # Subcommands of a command path.
 _weightship_subcommands() {
     case "$1" in
-        'weightship') echo 'agent demo fleet gc keygen ls node pack publish pull show sign status tag verify warm' ;;
+        'weightship') echo 'agent demo fleet gc keygen ls node pack prune publish pull rm show sign status tag untag verify warm' ;;
         'weightship agent') echo 'serve' ;;
         'weightship fleet') echo 'ls' ;;
-        'weightship node') echo 'gc have pin status verify warm' ;;
+        'weightship node') echo 'gc have pin status verify wait warm' ;;
     esac
 }
 
 # Every option spelling of a command path.
 _weightship_options() {
     case "$1" in
-        'weightship') echo '--config -h --help -q --quiet --version' ;;
+        'weightship') echo '--config -h --help --json -q --quiet --version' ;;
         'weightship agent') echo '-h --help' ;;
-        'weightship agent serve') echo '--cache --capacity -h --help --listen --policy --store --tls-ca --tls-cert --tls-key --token-file' ;;
-        'weightship demo') echo '--dir -h --help' ;;
+        'weightship agent serve') echo '--cache --capacity -h --help --kubernetes-node --listen --metrics-listen --policy -q --quiet --store --tls-ca --tls-cert --tls-key --token-file' ;;
+        'weightship demo') echo '--dir -h --help -q --quiet' ;;
         'weightship fleet') echo '-h --help' ;;
-        'weightship fleet ls') echo '--fleet -h --help --json -r --region' ;;
-        'weightship gc') echo '--accept-new-host-keys --dry-run --fleet -h --help --json --keep -r --region' ;;
-        'weightship keygen') echo '--curve --force -h --help' ;;
-        'weightship ls') echo '-h --help --json --store' ;;
+        'weightship fleet ls') echo '--fleet -h --help --json -q --quiet -r --region' ;;
+        'weightship gc') echo '--accept-new-host-keys --dry-run --fleet -h --help --json --keep -q --quiet -r --region' ;;
+        'weightship keygen') echo '--curve --force -h --help -q --quiet' ;;
+        'weightship ls') echo '-h --help --json -q --quiet --store' ;;
         'weightship node') echo '-h --help' ;;
-        'weightship node gc') echo '--cache --dry-run -h --help --json --keep' ;;
-        'weightship node have') echo '--cache -h --help --json' ;;
-        'weightship node pin') echo '--cache -h --help --json --unpin' ;;
-        'weightship node status') echo '--cache --capacity --digest -h --help --json --policy --verify --version' ;;
-        'weightship node verify') echo '--cache -h --help --json --policy' ;;
-        'weightship node warm') echo '--cache --capacity --detach -h --help --hot --json --policy --request' ;;
-        'weightship pack') echo '-h --help --ignore --json' ;;
-        'weightship publish') echo '--cert-chain --exclude -h --help --identity-token --ignore --include --json --key --key-password --no-output-github --output-github --rehash --sigstore --staging --store -t --tag --trust-config' ;;
-        'weightship pull') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store --sync' ;;
-        'weightship show') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online --store' ;;
-        'weightship sign') echo '--cert-chain -h --help --identity-token --ignore --key --key-password --signature --sigstore --staging --trust-config' ;;
-        'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json --no-output-github --output-github -r --region --require --store --timeout --verify --watch' ;;
-        'weightship tag') echo '-h --help --json --store' ;;
-        'weightship verify') echo '--cert-chain -h --help --identity --identity-regex --ignore --issuer --json --key --offline --online --signature' ;;
-        'weightship warm') echo '--accept-new-host-keys --cert-chain --credentials --detach --fleet -h --help --hot --identity --identity-regex --issuer --json --key --max-rate --min-ready --no-output-github --no-peers --no-verify --output-github --parallel --peers --pin --plan -r --region --retries --store -t --tag --timeout --wait' ;;
+        'weightship node gc') echo '--cache --dry-run -h --help --json --keep -q --quiet' ;;
+        'weightship node have') echo '--cache -h --help --json -q --quiet' ;;
+        'weightship node pin') echo '--cache -h --help --json -q --quiet --unpin' ;;
+        'weightship node status') echo '--cache --capacity --digest -h --help --json --policy -q --quiet --verify --version' ;;
+        'weightship node verify') echo '--cache -h --help --json --policy -q --quiet' ;;
+        'weightship node wait') echo '--agent --cache -h --help --json -q --quiet --timeout --tls-ca --token-file' ;;
+        'weightship node warm') echo '--cache --capacity --detach -h --help --hot --json --policy -q --quiet --request' ;;
+        'weightship pack') echo '-h --help --ignore --json -q --quiet --refuse-pickle' ;;
+        'weightship prune') echo '--dry-run --grace -h --help --json -q --quiet --store' ;;
+        'weightship publish') echo '--cert-chain --exclude -h --help --identity-token --ignore --include --json --key --key-password --no-output-github --output-github -q --quiet --refuse-pickle --rehash --sigstore --staging --store -t --tag --trust-config' ;;
+        'weightship pull') echo '--cert-chain --exclude --force -h --help --identity --identity-regex --include --issuer --json --key --offline --online -q --quiet --store --sync' ;;
+        'weightship rm') echo '--force -h --help --json -q --quiet --store' ;;
+        'weightship show') echo '--cert-chain -h --help --identity --identity-regex --issuer --json --key --offline --online -q --quiet --store' ;;
+        'weightship sign') echo '--cert-chain -h --help --identity-token --ignore --key --key-password -q --quiet --signature --sigstore --staging --trust-config' ;;
+        'weightship status') echo '--accept-new-host-keys --fleet -h --help --interval --json --no-output-github --output-github -q --quiet -r --region --require --store --timeout --verify --watch' ;;
+        'weightship tag') echo '-h --help --json -q --quiet --store' ;;
+        'weightship untag') echo '-h --help --json -q --quiet --store' ;;
+        'weightship verify') echo '--cert-chain -h --help --identity --identity-regex --ignore --issuer --json --key --offline --online -q --quiet --signature' ;;
+        'weightship warm') echo '--accept-new-host-keys --cert-chain --credentials --detach --fleet -h --help --hot --identity --identity-regex --issuer --json --key --max-rate --min-ready --no-output-github --no-peers --no-verify --output-github --parallel --peers --pin --plan -q --quiet -r --region --retries --store -t --tag --timeout --wait' ;;
     esac
 }
 
@@ -49,7 +53,9 @@ _weightship_value() {
         'weightship --config') echo '1 file' ;;
         'weightship agent serve --cache') echo '1 file' ;;
         'weightship agent serve --capacity') echo '1 plain' ;;
+        'weightship agent serve --kubernetes-node') echo '1 plain' ;;
         'weightship agent serve --listen') echo '1 plain' ;;
+        'weightship agent serve --metrics-listen') echo '1 plain' ;;
         'weightship agent serve --policy') echo '1 file' ;;
         'weightship agent serve --store') echo '1 plain' ;;
         'weightship agent serve --tls-ca') echo '1 file' ;;
@@ -77,11 +83,18 @@ _weightship_value() {
         'weightship node status --version') echo '1 plain' ;;
         'weightship node verify --cache') echo '1 file' ;;
         'weightship node verify --policy') echo '1 file' ;;
+        'weightship node wait --agent') echo '1 plain' ;;
+        'weightship node wait --cache') echo '1 file' ;;
+        'weightship node wait --timeout') echo '1 plain' ;;
+        'weightship node wait --tls-ca') echo '1 file' ;;
+        'weightship node wait --token-file') echo '1 file' ;;
         'weightship node warm --cache') echo '1 file' ;;
         'weightship node warm --capacity') echo '1 plain' ;;
         'weightship node warm --policy') echo '1 file' ;;
         'weightship node warm --request') echo '1 file' ;;
         'weightship pack --ignore') echo '1 plain' ;;
+        'weightship prune --grace') echo '1 plain' ;;
+        'weightship prune --store') echo '1 plain' ;;
         'weightship publish --cert-chain') echo '1 file' ;;
         'weightship publish --exclude') echo '1 plain' ;;
         'weightship publish --identity-token') echo '1 plain' ;;
@@ -94,11 +107,14 @@ _weightship_value() {
         'weightship publish --tag') echo '1 plain' ;;
         'weightship publish --trust-config') echo '1 file' ;;
         'weightship pull --cert-chain') echo '1 file' ;;
+        'weightship pull --exclude') echo '1 plain' ;;
         'weightship pull --identity') echo '1 plain' ;;
         'weightship pull --identity-regex') echo '1 plain' ;;
+        'weightship pull --include') echo '1 plain' ;;
         'weightship pull --issuer') echo '1 plain' ;;
         'weightship pull --key') echo '1 file' ;;
         'weightship pull --store') echo '1 plain' ;;
+        'weightship rm --store') echo '1 plain' ;;
         'weightship show --cert-chain') echo '1 file' ;;
         'weightship show --identity') echo '1 plain' ;;
         'weightship show --identity-regex') echo '1 plain' ;;
@@ -120,6 +136,7 @@ _weightship_value() {
         'weightship status --store') echo '1 plain' ;;
         'weightship status --timeout') echo '1 plain' ;;
         'weightship tag --store') echo '1 plain' ;;
+        'weightship untag --store') echo '1 plain' ;;
         'weightship verify --cert-chain') echo '1 file' ;;
         'weightship verify --identity') echo '1 plain' ;;
         'weightship verify --identity-regex') echo '1 plain' ;;
@@ -155,16 +172,19 @@ _weightship_argument() {
         'weightship node pin #0') echo 'plain' ;;
         'weightship node status #0') echo 'plain' ;;
         'weightship node verify #0') echo 'plain' ;;
+        'weightship node wait #0') echo 'plain' ;;
         'weightship pack #0') echo 'file' ;;
         'weightship publish #0') echo 'plain' ;;
         'weightship publish #1') echo 'plain' ;;
         'weightship pull #0') echo 'plain' ;;
         'weightship pull #1') echo 'file' ;;
+        'weightship rm #0') echo 'plain' ;;
         'weightship show #0') echo 'plain' ;;
         'weightship sign #0') echo 'file' ;;
         'weightship status #0') echo 'plain' ;;
         'weightship tag #0') echo 'plain' ;;
         'weightship tag #1') echo 'plain' ;;
+        'weightship untag #0') echo 'plain' ;;
         'weightship verify #0') echo 'file' ;;
         'weightship warm #0') echo 'plain' ;;
     esac

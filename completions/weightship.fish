@@ -4,13 +4,13 @@
 function __weightship_subcommands --description 'Subcommands of a command path'
     switch $argv[1]
         case 'weightship'
-            printf '%s\n' agent demo fleet gc keygen ls node pack publish pull show sign status tag verify warm
+            printf '%s\n' agent demo fleet gc keygen ls node pack prune publish pull rm show sign status tag untag verify warm
         case 'weightship agent'
             printf '%s\n' serve
         case 'weightship fleet'
             printf '%s\n' ls
         case 'weightship node'
-            printf '%s\n' gc have pin status verify warm
+            printf '%s\n' gc have pin status verify wait warm
     end
 end
 
@@ -19,7 +19,9 @@ function __weightship_nargs --description 'How many words an option takes after 
         case 'weightship --config' \
              'weightship agent serve --cache' \
              'weightship agent serve --capacity' \
+             'weightship agent serve --kubernetes-node' \
              'weightship agent serve --listen' \
+             'weightship agent serve --metrics-listen' \
              'weightship agent serve --policy' \
              'weightship agent serve --store' \
              'weightship agent serve --tls-ca' \
@@ -47,11 +49,18 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship node status --version' \
              'weightship node verify --cache' \
              'weightship node verify --policy' \
+             'weightship node wait --agent' \
+             'weightship node wait --cache' \
+             'weightship node wait --timeout' \
+             'weightship node wait --tls-ca' \
+             'weightship node wait --token-file' \
              'weightship node warm --cache' \
              'weightship node warm --capacity' \
              'weightship node warm --policy' \
              'weightship node warm --request' \
              'weightship pack --ignore' \
+             'weightship prune --grace' \
+             'weightship prune --store' \
              'weightship publish --cert-chain' \
              'weightship publish --exclude' \
              'weightship publish --identity-token' \
@@ -64,11 +73,14 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship publish --tag' \
              'weightship publish --trust-config' \
              'weightship pull --cert-chain' \
+             'weightship pull --exclude' \
              'weightship pull --identity' \
              'weightship pull --identity-regex' \
+             'weightship pull --include' \
              'weightship pull --issuer' \
              'weightship pull --key' \
              'weightship pull --store' \
+             'weightship rm --store' \
              'weightship show --cert-chain' \
              'weightship show --identity' \
              'weightship show --identity-regex' \
@@ -90,6 +102,7 @@ function __weightship_nargs --description 'How many words an option takes after 
              'weightship status --store' \
              'weightship status --timeout' \
              'weightship tag --store' \
+             'weightship untag --store' \
              'weightship verify --cert-chain' \
              'weightship verify --identity' \
              'weightship verify --identity-regex' \
@@ -176,17 +189,21 @@ complete -c weightship -n '__weightship_at "weightship"' -a gc -d 'Evict old rel
 complete -c weightship -n '__weightship_at "weightship"' -a keygen -d 'Generate an EC signing key pair for weightship sign/publish --key.'
 complete -c weightship -n '__weightship_at "weightship"' -a ls -d 'List models, or one model\'s versions and tags.'
 complete -c weightship -n '__weightship_at "weightship"' -a node -d 'The node side: run the cache engine on this machine (what ssh runs; prints...'
-complete -c weightship -n '__weightship_at "weightship"' -a pack -d 'Hash a model directory and print its manifest (nothing is written).'
-complete -c weightship -n '__weightship_at "weightship"' -a publish -d 'Pack, sign and push a model directory; unchanged blobs are not uploaded again.'
+complete -c weightship -n '__weightship_at "weightship"' -a pack -d 'Hash a model directory or file, check its headers, and print its manifest...'
+complete -c weightship -n '__weightship_at "weightship"' -a prune -d 'Delete blobs no release references (and signatures of removed releases) once...'
+complete -c weightship -n '__weightship_at "weightship"' -a publish -d 'Pack, sign and push a model directory or file; unchanged blobs are not...'
 complete -c weightship -n '__weightship_at "weightship"' -a pull -d 'Download a release into DEST, verifying every sha256 (and the signature under...'
+complete -c weightship -n '__weightship_at "weightship"' -a rm -d 'Remove a release; its blobs stay until prune collects them.'
 complete -c weightship -n '__weightship_at "weightship"' -a show -d 'Show a release: digest, files, tensors, who signed it and where it came from.'
-complete -c weightship -n '__weightship_at "weightship"' -a sign -d 'Sign a model directory in OpenSSF Model Signing format (writes DIR/model.sig).'
+complete -c weightship -n '__weightship_at "weightship"' -a sign -d 'Sign a model in OpenSSF Model Signing format (writes DIR/model.sig, or...'
 complete -c weightship -n '__weightship_at "weightship"' -a status -d 'Per node: state, the version the tag points at, bytes present, verified and...'
 complete -c weightship -n '__weightship_at "weightship"' -a tag -d 'Point a tag at a release (tags move; versions never change).'
-complete -c weightship -n '__weightship_at "weightship"' -a verify -d 'Check a model directory against its signature: every byte, name, added or...'
+complete -c weightship -n '__weightship_at "weightship"' -a untag -d 'Remove a tag (the release it pointed at stays).'
+complete -c weightship -n '__weightship_at "weightship"' -a verify -d 'Check a model directory or file against its signature: every byte, name,...'
 complete -c weightship -n '__weightship_at "weightship"' -a warm -d 'Warm a release onto every cache node of a region before traffic needs it.'
 complete -c weightship -n '__weightship_at "weightship"' -l config -r -F -d 'weightship.toml to use (default: ./weightship.toml).'
 complete -c weightship -n '__weightship_at "weightship"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship"' -l json -d 'Print a machine-readable JSON document. For the commands that have --json.'
 complete -c weightship -n '__weightship_at "weightship"' -s q -l quiet -d 'Only errors and results.'
 complete -c weightship -n '__weightship_at "weightship"' -l version -d 'Print the version and exit.'
 
@@ -198,9 +215,12 @@ complete -c weightship -n '__weightship_at "weightship agent"' -s h -l help -d '
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l cache -r -F -d 'The node cache directory.'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l capacity -r -f -d 'Most the cache may use, e.g. 500G (default: the whole disk).'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l kubernetes-node -r -f -d 'Label this Kubernetes Node with the releases ready here (models.weightship.dev/NAME.TAG=VERSION), through the pod\'s service account or KUBECONFIG; in a DaemonSet, the downward API\'s spec.nodeName.'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l listen -r -f -d 'HOST:PORT to bind; loopback unless you name an address.'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l metrics-listen -r -f -d 'Also serve GET /metrics (Prometheus) on this HOST:PORT, over HTTP without a token, and nothing else there. /metrics on --listen needs the token.'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
-complete -c weightship -n '__weightship_at "weightship agent serve"' -l store -r -f -d 'The store this agent reads from: warms may name file:// sources only inside a file:// store (default: none).'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship agent serve"' -l store -r -f -d 'The store this agent reads from: where it warms a reference by itself (node wait --agent), and the only file:// store warms may name file:// sources in (default: none).'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l tls-ca -r -F -d 'PEM CA that peers\' certificates must chain to (default: the system\'s roots).'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l tls-cert -r -F -d 'PEM certificate (chain) to serve HTTPS with; needs --tls-key.'
 complete -c weightship -n '__weightship_at "weightship agent serve"' -l tls-key -r -F -d 'Unencrypted PEM private key of --tls-cert.'
@@ -209,6 +229,7 @@ complete -c weightship -n '__weightship_at "weightship agent serve"' -l token-fi
 # weightship demo
 complete -c weightship -n '__weightship_at "weightship demo"' -l dir -r -F -d 'Workspace (default: a new temporary one).'
 complete -c weightship -n '__weightship_at "weightship demo"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship demo"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 
 # weightship fleet
 complete -c weightship -n '__weightship_at "weightship fleet"' -a ls -d 'List regions and their nodes (the fleet file is checked on the way).'
@@ -217,7 +238,8 @@ complete -c weightship -n '__weightship_at "weightship fleet"' -s h -l help -d '
 # weightship fleet ls
 complete -c weightship -n '__weightship_at "weightship fleet ls"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
 complete -c weightship -n '__weightship_at "weightship fleet ls"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship fleet ls"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship fleet ls"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship fleet ls"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship fleet ls"' -s r -l region -r -f -d 'Region of the fleet.'
 
 # weightship gc
@@ -225,20 +247,23 @@ complete -c weightship -n '__weightship_at "weightship gc"' -l accept-new-host-k
 complete -c weightship -n '__weightship_at "weightship gc"' -l dry-run -d 'Say what would be evicted; change nothing.'
 complete -c weightship -n '__weightship_at "weightship gc"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
 complete -c weightship -n '__weightship_at "weightship gc"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship gc"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship gc"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship gc"' -l keep -r -f -d 'Releases to keep per model, besides tagged and pinned ones.'
+complete -c weightship -n '__weightship_at "weightship gc"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship gc"' -s r -l region -r -f -d 'Region whose nodes to clean.'
 
 # weightship keygen
 complete -c weightship -n '__weightship_at "weightship keygen"' -l curve -r -f -a 'P-256 P-384 P-521' -d 'Elliptic curve of the key.'
 complete -c weightship -n '__weightship_at "weightship keygen"' -l force -d 'Replace an existing key pair at PATH (the old private key is lost).'
 complete -c weightship -n '__weightship_at "weightship keygen"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship keygen"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship keygen" 0' -F
 
 # weightship ls
 complete -c weightship -n '__weightship_at "weightship ls"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship ls"' -l json -d 'Print a machine-readable JSON document.'
-complete -c weightship -n '__weightship_at "weightship ls"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship ls"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship ls"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship ls"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 
 # weightship node
 complete -c weightship -n '__weightship_at "weightship node"' -a gc -d 'Evict old releases from this node\'s cache (never tagged or pinned ones).'
@@ -246,6 +271,7 @@ complete -c weightship -n '__weightship_at "weightship node"' -a have -d 'Which 
 complete -c weightship -n '__weightship_at "weightship node"' -a pin -d 'Pin a release so that neither gc nor eviction removes it.'
 complete -c weightship -n '__weightship_at "weightship node"' -a status -d 'Readiness of a release (or of every release) in this node\'s cache.'
 complete -c weightship -n '__weightship_at "weightship node"' -a verify -d 'Re-hash a materialised release against its manifest and the node\'s policy; a...'
+complete -c weightship -n '__weightship_at "weightship node"' -a wait -d 'Wait until REF is ready in this cache (whole and verified), then print its...'
 complete -c weightship -n '__weightship_at "weightship node"' -a warm -d 'Warm one release into this node\'s cache, from a request on standard input...'
 complete -c weightship -n '__weightship_at "weightship node"' -s h -l help -d 'Show this message and exit.'
 
@@ -253,18 +279,21 @@ complete -c weightship -n '__weightship_at "weightship node"' -s h -l help -d 'S
 complete -c weightship -n '__weightship_at "weightship node gc"' -l cache -r -F -d 'The node cache directory.'
 complete -c weightship -n '__weightship_at "weightship node gc"' -l dry-run -d 'Say what would be evicted; change nothing.'
 complete -c weightship -n '__weightship_at "weightship node gc"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship node gc"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node gc"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship node gc"' -l keep -r -f -d 'Releases to keep per model besides tagged/pinned.'
+complete -c weightship -n '__weightship_at "weightship node gc"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 
 # weightship node have
 complete -c weightship -n '__weightship_at "weightship node have"' -l cache -r -F -d 'The node cache directory.'
 complete -c weightship -n '__weightship_at "weightship node have"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship node have"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node have"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship node have"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 
 # weightship node pin
 complete -c weightship -n '__weightship_at "weightship node pin"' -l cache -r -F -d 'The node cache directory.'
 complete -c weightship -n '__weightship_at "weightship node pin"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship node pin"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node pin"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship node pin"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship node pin"' -l unpin -d 'Remove the pin instead.'
 
 # weightship node status
@@ -272,16 +301,28 @@ complete -c weightship -n '__weightship_at "weightship node status"' -l cache -r
 complete -c weightship -n '__weightship_at "weightship node status"' -l capacity -r -f -d 'Most the cache may use, e.g. 500G (default: the whole disk).'
 complete -c weightship -n '__weightship_at "weightship node status"' -l digest -r -f -d 'The digest that version should have.'
 complete -c weightship -n '__weightship_at "weightship node status"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship node status"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node status"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship node status"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship node status"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship node status"' -l verify -d 'Re-hash ready releases first; a damaged one is withdrawn and failed.'
 complete -c weightship -n '__weightship_at "weightship node status"' -l version -r -f -d 'The version REF should be (from the store).'
 
 # weightship node verify
 complete -c weightship -n '__weightship_at "weightship node verify"' -l cache -r -F -d 'The node cache directory.'
 complete -c weightship -n '__weightship_at "weightship node verify"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship node verify"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node verify"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship node verify"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship node verify"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+
+# weightship node wait
+complete -c weightship -n '__weightship_at "weightship node wait"' -l agent -r -f -d 'This node\'s agent (http://HOST:PORT, https:// with --tls-ca): asked to warm REF from its --store when the cache does not hold it.'
+complete -c weightship -n '__weightship_at "weightship node wait"' -l cache -r -F -d 'The node cache directory.'
+complete -c weightship -n '__weightship_at "weightship node wait"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship node wait"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship node wait"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship node wait"' -l timeout -r -f -d 'Give up (exit 1) after this long: seconds, or e.g. 90s, 10m, 2h.'
+complete -c weightship -n '__weightship_at "weightship node wait"' -l tls-ca -r -F -d 'PEM CA the agent\'s certificate chains to (https --agent).'
+complete -c weightship -n '__weightship_at "weightship node wait"' -l token-file -r -F -d 'File holding the agent\'s bearer token (with --agent).'
 
 # weightship node warm
 complete -c weightship -n '__weightship_at "weightship node warm"' -l cache -r -F -d 'The node cache directory.'
@@ -289,15 +330,26 @@ complete -c weightship -n '__weightship_at "weightship node warm"' -l capacity -
 complete -c weightship -n '__weightship_at "weightship node warm"' -l detach -d 'Go on in the background; print the accepted job.'
 complete -c weightship -n '__weightship_at "weightship node warm"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship node warm"' -l hot -d 'Then read the release into the page cache (bounded memory).'
-complete -c weightship -n '__weightship_at "weightship node warm"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship node warm"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship node warm"' -l policy -r -F -d 'weightship.toml whose [policy] this node enforces (default: the usual config).'
+complete -c weightship -n '__weightship_at "weightship node warm"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship node warm"' -l request -r -F -d 'Warm request JSON (default: read from standard input).'
 
 # weightship pack
 complete -c weightship -n '__weightship_at "weightship pack"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship pack"' -l ignore -r -f -d 'Path (relative to DIR) to leave out; repeatable.'
-complete -c weightship -n '__weightship_at "weightship pack"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship pack"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship pack"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship pack"' -l refuse-pickle -d 'Fail on pickle files (.bin/.pt/.pth/.ckpt/.pkl: loading them runs code); default: [publish] pickle in weightship.toml, else warn.'
 complete -c weightship -n '__weightship_at "weightship pack" 0' -F
+
+# weightship prune
+complete -c weightship -n '__weightship_at "weightship prune"' -l dry-run -d 'Say what would be deleted; delete nothing.'
+complete -c weightship -n '__weightship_at "weightship prune"' -l grace -r -f -d 'Keep what is younger than this (90s, 30m, 24h): publishes in flight need it.'
+complete -c weightship -n '__weightship_at "weightship prune"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship prune"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship prune"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship prune"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 
 # weightship publish
 complete -c weightship -n '__weightship_at "weightship publish"' -l cert-chain -r -F -d 'Certificate chain of the signing key (PEM, leaf first).'
@@ -306,31 +358,44 @@ complete -c weightship -n '__weightship_at "weightship publish"' -s h -l help -d
 complete -c weightship -n '__weightship_at "weightship publish"' -l identity-token -r -f -d 'OIDC token for Sigstore.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l ignore -r -f -d 'Path (relative to DIR) to leave out; repeatable.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l include -r -f -d 'hf:// only: glob of Hub files to take; repeatable.'
-complete -c weightship -n '__weightship_at "weightship publish"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship publish"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l key -r -F -d 'Private EC key (PEM) to sign with.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l key-password -r -f -d 'Password of the private key.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l no-output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
+complete -c weightship -n '__weightship_at "weightship publish"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship publish"' -l refuse-pickle -d 'Fail on pickle files (.bin/.pt/.pth/.ckpt/.pkl: loading them runs code); default: [publish] pickle in weightship.toml, else warn.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l rehash -d 'Hash every file, even those the digest cache knows unchanged.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l sigstore -d 'Sign keyless with Sigstore (OIDC identity).'
 complete -c weightship -n '__weightship_at "weightship publish"' -l staging -d 'Use Sigstore\'s staging instance.'
-complete -c weightship -n '__weightship_at "weightship publish"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship publish"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship publish"' -s t -l tag -r -f -d 'Tag to point at it; repeatable.'
 complete -c weightship -n '__weightship_at "weightship publish"' -l trust-config -r -F -d 'Sigstore client trust configuration (JSON).'
 
 # weightship pull
 complete -c weightship -n '__weightship_at "weightship pull"' -l cert-chain -r -F -d 'Trusted CA certificates (PEM) for certificate signatures.'
+complete -c weightship -n '__weightship_at "weightship pull"' -l exclude -r -f -d 'Glob of the release\'s paths to leave out; repeatable.'
+complete -c weightship -n '__weightship_at "weightship pull"' -l force -d 'Replace a DEST that is not empty: swapped in once the new content is verified.'
 complete -c weightship -n '__weightship_at "weightship pull"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship pull"' -l identity -r -f -d 'Sigstore signer identity (e-mail or URI).'
 complete -c weightship -n '__weightship_at "weightship pull"' -l identity-regex -r -f -d 'Sigstore signer identity as a regular expression.'
+complete -c weightship -n '__weightship_at "weightship pull"' -l include -r -f -d 'Glob of the release\'s paths to pull (e.g. \'*.json\'); repeatable.'
 complete -c weightship -n '__weightship_at "weightship pull"' -l issuer -r -f -d 'OIDC issuer of the Sigstore identity.'
-complete -c weightship -n '__weightship_at "weightship pull"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship pull"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship pull"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
 complete -c weightship -n '__weightship_at "weightship pull"' -l offline -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship pull"' -l online -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
-complete -c weightship -n '__weightship_at "weightship pull"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship pull"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship pull"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship pull"' -l sync -d 'fsync every file before DEST appears (at the disk\'s speed): a crash just after cannot lose it.'
 complete -c weightship -n '__weightship_at "weightship pull" 1' -F
+
+# weightship rm
+complete -c weightship -n '__weightship_at "weightship rm"' -l force -d 'Remove the tags pointing at it too (otherwise a tagged release is kept).'
+complete -c weightship -n '__weightship_at "weightship rm"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship rm"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship rm"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship rm"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 
 # weightship show
 complete -c weightship -n '__weightship_at "weightship show"' -l cert-chain -r -F -d 'Trusted CA certificates (PEM) for certificate signatures.'
@@ -338,11 +403,12 @@ complete -c weightship -n '__weightship_at "weightship show"' -s h -l help -d 'S
 complete -c weightship -n '__weightship_at "weightship show"' -l identity -r -f -d 'Sigstore signer identity (e-mail or URI).'
 complete -c weightship -n '__weightship_at "weightship show"' -l identity-regex -r -f -d 'Sigstore signer identity as a regular expression.'
 complete -c weightship -n '__weightship_at "weightship show"' -l issuer -r -f -d 'OIDC issuer of the Sigstore identity.'
-complete -c weightship -n '__weightship_at "weightship show"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship show"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship show"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
 complete -c weightship -n '__weightship_at "weightship show"' -l offline -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship show"' -l online -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
-complete -c weightship -n '__weightship_at "weightship show"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship show"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship show"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 
 # weightship sign
 complete -c weightship -n '__weightship_at "weightship sign"' -l cert-chain -r -F -d 'Certificate chain of the signing key (PEM, leaf first).'
@@ -351,7 +417,8 @@ complete -c weightship -n '__weightship_at "weightship sign"' -l identity-token 
 complete -c weightship -n '__weightship_at "weightship sign"' -l ignore -r -f -d 'Path (relative to DIR) to leave out; repeatable.'
 complete -c weightship -n '__weightship_at "weightship sign"' -l key -r -F -d 'Private EC key (PEM) to sign with.'
 complete -c weightship -n '__weightship_at "weightship sign"' -l key-password -r -f -d 'Password of the private key.'
-complete -c weightship -n '__weightship_at "weightship sign"' -l signature -r -F -d 'Where to write (default DIR/model.sig).'
+complete -c weightship -n '__weightship_at "weightship sign"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship sign"' -l signature -r -F -d 'Where to write (default DIR/model.sig, or FILE.sig for a single file).'
 complete -c weightship -n '__weightship_at "weightship sign"' -l sigstore -d 'Sign keyless with Sigstore (OIDC identity).'
 complete -c weightship -n '__weightship_at "weightship sign"' -l staging -d 'Use Sigstore\'s staging instance.'
 complete -c weightship -n '__weightship_at "weightship sign"' -l trust-config -r -F -d 'Sigstore client trust configuration (JSON).'
@@ -362,20 +429,28 @@ complete -c weightship -n '__weightship_at "weightship status"' -l accept-new-ho
 complete -c weightship -n '__weightship_at "weightship status"' -l fleet -r -F -d 'Fleet file (default: the regions in weightship.toml).'
 complete -c weightship -n '__weightship_at "weightship status"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship status"' -l interval -r -f -d 'Seconds between --watch refreshes.'
-complete -c weightship -n '__weightship_at "weightship status"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship status"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship status"' -l no-output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
 complete -c weightship -n '__weightship_at "weightship status"' -l output-github -d 'Write GitHub Actions step outputs ($GITHUB_OUTPUT) and a job summary ($GITHUB_STEP_SUMMARY); on by default when GITHUB_OUTPUT is set.'
+complete -c weightship -n '__weightship_at "weightship status"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship status"' -s r -l region -r -f -d 'Region of the fleet.'
 complete -c weightship -n '__weightship_at "weightship status"' -l require -r -f -d 'Share of nodes that must be ready for exit 0: all, N% or a count.'
-complete -c weightship -n '__weightship_at "weightship status"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship status"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship status"' -l timeout -r -f -d 'Give up after this long: 90, 90s, 10m, 2h.'
 complete -c weightship -n '__weightship_at "weightship status"' -l verify -d 'Re-hash every ready file on the nodes first; damaged releases are withdrawn and failed.'
 complete -c weightship -n '__weightship_at "weightship status"' -l watch -d 'Refresh until the requirement is met or --timeout.'
 
 # weightship tag
 complete -c weightship -n '__weightship_at "weightship tag"' -s h -l help -d 'Show this message and exit.'
-complete -c weightship -n '__weightship_at "weightship tag"' -l json -d 'Print a machine-readable JSON document.'
-complete -c weightship -n '__weightship_at "weightship tag"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship tag"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship tag"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship tag"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
+
+# weightship untag
+complete -c weightship -n '__weightship_at "weightship untag"' -s h -l help -d 'Show this message and exit.'
+complete -c weightship -n '__weightship_at "weightship untag"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship untag"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship untag"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 
 # weightship verify
 complete -c weightship -n '__weightship_at "weightship verify"' -l cert-chain -r -F -d 'Trusted CA certificates (PEM) for certificate signatures.'
@@ -384,11 +459,12 @@ complete -c weightship -n '__weightship_at "weightship verify"' -l identity -r -
 complete -c weightship -n '__weightship_at "weightship verify"' -l identity-regex -r -f -d 'Sigstore signer identity as a regular expression.'
 complete -c weightship -n '__weightship_at "weightship verify"' -l ignore -r -f -d 'Path (relative to DIR) to leave out; repeatable.'
 complete -c weightship -n '__weightship_at "weightship verify"' -l issuer -r -f -d 'OIDC issuer of the Sigstore identity.'
-complete -c weightship -n '__weightship_at "weightship verify"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship verify"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship verify"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
 complete -c weightship -n '__weightship_at "weightship verify"' -l offline -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
 complete -c weightship -n '__weightship_at "weightship verify"' -l online -d 'Verify Sigstore signatures with the trusted root shipped with weightship, or refresh it (TUF).'
-complete -c weightship -n '__weightship_at "weightship verify"' -l signature -r -F -d 'Signature file (default DIR/model.sig).'
+complete -c weightship -n '__weightship_at "weightship verify"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
+complete -c weightship -n '__weightship_at "weightship verify"' -l signature -r -F -d 'Signature file (default DIR/model.sig, or FILE.sig for a single file).'
 complete -c weightship -n '__weightship_at "weightship verify" 0' -F
 
 # weightship warm
@@ -402,7 +478,7 @@ complete -c weightship -n '__weightship_at "weightship warm"' -l hot -d 'Also re
 complete -c weightship -n '__weightship_at "weightship warm"' -l identity -r -f -d 'Sigstore signer identity (e-mail or URI).'
 complete -c weightship -n '__weightship_at "weightship warm"' -l identity-regex -r -f -d 'Sigstore signer identity as a regular expression.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l issuer -r -f -d 'OIDC issuer of the Sigstore identity.'
-complete -c weightship -n '__weightship_at "weightship warm"' -l json -d 'Print a machine-readable JSON document.'
+complete -c weightship -n '__weightship_at "weightship warm"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l key -r -F -d 'Trusted public key (PEM); repeatable.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l max-rate -r -f -d 'Per-node download limit in bytes/s, e.g. 200M.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l min-ready -r -f -d 'Share of nodes that must end ready for exit 0: all, N% or a count.'
@@ -414,9 +490,10 @@ complete -c weightship -n '__weightship_at "weightship warm"' -l parallel -r -f 
 complete -c weightship -n '__weightship_at "weightship warm"' -l peers -d 'Let agent nodes fetch blobs from each other, so each blob crosses the origin link once (the default), or have every node fetch from the origin.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l pin -d 'Pin the release on the nodes: gc never evicts it.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l plan -d 'Dry run: print per node the bytes missing and where they would come from; warm nothing.'
+complete -c weightship -n '__weightship_at "weightship warm"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 complete -c weightship -n '__weightship_at "weightship warm"' -s r -l region -r -f -d 'Region to warm (see weightship fleet ls).'
 complete -c weightship -n '__weightship_at "weightship warm"' -l retries -r -f -d 'Retries of a node\'s transient failures.'
-complete -c weightship -n '__weightship_at "weightship warm"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).'
+complete -c weightship -n '__weightship_at "weightship warm"' -l store -r -f -d 'Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE (env WEIGHTSHIP_STORE).'
 complete -c weightship -n '__weightship_at "weightship warm"' -s t -l tag -r -f -d 'Also point this tag at the release on the nodes.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l timeout -r -f -d 'Give up after this long: 90, 90s, 10m, 2h.'
 complete -c weightship -n '__weightship_at "weightship warm"' -l wait -d 'Wait until every node is done (the default), or return once each node has accepted the warm.'

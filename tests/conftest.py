@@ -130,3 +130,39 @@ def az_store_url(azurite_server, monkeypatch) -> str:
         monkeypatch.setenv(name, value)
     container = azurite_server.create_container()
     return f"az://{container}/weights"
+
+
+@pytest.fixture(scope="session")
+def registry_server(tmp_path_factory):
+    """One real OCI registry (CNCF distribution, Debian's ``docker-registry``) for the
+    session, anonymous, stopped by PID at the end. Tests take ``oci_store_url``, which
+    gives each its own namespace."""
+    from tests.helpers import require
+    from tests.servers import registry_binary, start_registry
+
+    require(registry_binary() is not None, "an OCI registry (docker-registry)", "apt-get install docker-registry")
+    server = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def oci_store_url(registry_server, monkeypatch, tmp_path_factory) -> str:
+    """``oci://127.0.0.1:PORT/NAMESPACE`` in a fresh namespace, with an empty docker
+    configuration (DOCKER_CONFIG) so that nobody's ~/.docker is in the way."""
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path_factory.mktemp("docker-config")))
+    return f"oci://{registry_server.host}/{registry_server.namespace()}"
+
+
+@pytest.fixture
+def kube(tmp_path: Path):
+    """The stand-in Kubernetes API server (tests/kubeapi.py), with a kubeconfig for it."""
+    from tests.kubeapi import start_kubeapi
+
+    api = start_kubeapi(tmp_path)
+    try:
+        yield api
+    finally:
+        api.stop()

@@ -170,20 +170,23 @@ def _spawn_agent(
     netns: str | None = None,
     store: str | None = None,
     tls: Tls | None = None,
+    port: int | None = None,
+    token: str | None = None,
 ) -> Agent:
     """``host`` and ``netns``: listen on that address inside that network namespace
     (``ip netns exec`` keeps the PID), as bench/fanout.py does to put each node behind a
     link of its own. The port is free on this namespace's loopback; a fresh namespace has
     every port free. ``store``: the agent's --store (a file:// store's blobs are then
     sources it accepts); ``tls``: serve HTTPS with its certificate and trust its CA for
-    peers."""
+    peers. ``port`` and ``token``: these rather than a free port and a fresh token (the
+    agents of a Kubernetes DaemonSet share both, each on its own pod IP)."""
     from tests.sshd import weightship_script
 
     d.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
+    token = token or secrets.token_urlsafe(24)
     (d / "token").write_text(token + "\n")
     (d / "token").chmod(0o600)
-    port = free_port()
+    port = port or free_port()
     log = open(d / "agent.log", "ab")  # noqa: SIM115 - the child owns it
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTSHIP_")}
     full_env.update(env)
@@ -217,6 +220,8 @@ def start_agents(
     places: list[tuple[str, str | None]] | None = None,
     store: str | None = None,
     tls: Tls | None = None,
+    port: int | None = None,
+    token: str | None = None,
 ) -> list[Agent]:
     """Start one agent process per directory and wait until each answers /v1/health.
     Started ``batch`` at a time: dozens of interpreters importing at once on a small
@@ -224,7 +229,8 @@ def start_agents(
     directory: the (address, network namespace or None) each agent listens on.
     ``store``: the test's store, for each agent's --store (pass it for a file:// store:
     an agent accepts file:// sources only inside its own store); ``tls``: the agents
-    serve HTTPS with that certificate."""
+    serve HTTPS with that certificate; ``port``, ``token``: the same port and token for
+    every agent (give each its own address in ``places``)."""
     import httpx
 
     agents: list[Agent] = []
@@ -236,7 +242,17 @@ def start_agents(
             for j, d in enumerate(dirs[i : i + batch], start=i):
                 where[d] = places[j] if places else ("127.0.0.1", None)
                 group.append(
-                    _spawn_agent(d, policy, env or {}, host=where[d][0], netns=where[d][1], store=store, tls=tls)
+                    _spawn_agent(
+                        d,
+                        policy,
+                        env or {},
+                        host=where[d][0],
+                        netns=where[d][1],
+                        store=store,
+                        tls=tls,
+                        port=port,
+                        token=token,
+                    )
                 )
             agents += group
             deadline = time.monotonic() + timeout
@@ -258,6 +274,8 @@ def start_agents(
                             netns=where[a.dir][1],
                             store=store,
                             tls=tls,
+                            port=port,
+                            token=token,
                         )
                         agents[agents.index(a)] = waiting[0] = b
                         continue

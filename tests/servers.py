@@ -538,6 +538,281 @@ def _wait_azurite_ready(server: AzuriteServer, timeout: float) -> None:
     raise RuntimeError(f"azurite-blob not ready after {timeout}s ({last}):\n{server.log_tail()}")
 
 
+# -- OCI registry: CNCF distribution (Debian's docker-registry) ----------------------------
+
+
+def registry_binary() -> str | None:
+    """``docker-registry`` (CNCF distribution 2.8, Debian's package), or None."""
+    return shutil.which("docker-registry") or (
+        "/usr/bin/docker-registry" if os.access("/usr/bin/docker-registry", os.X_OK) else None
+    )
+
+
+@dataclass
+class RegistryServer(_ServerProcess):
+    """A running ``docker-registry serve``: plain HTTP on 127.0.0.1, filesystem storage,
+    deletes enabled; with ``users``, htpasswd (Basic) authentication."""
+
+    host: str  # 127.0.0.1:PORT
+    port: int
+    pid: int
+    data_dir: Path
+    log_path: Path
+    users: dict[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen | None = field(default=None, repr=False)
+    _proxies: list[CountingProxy] = field(default_factory=list, repr=False)
+
+    def namespace(self) -> str:
+        """A fresh namespace: each test's repositories apart from the others'."""
+        return f"ns{uuid.uuid4().hex[:12]}"
+
+    def blob_path(self, hexdigest: str) -> Path:
+        """Where the registry keeps a blob's bytes (shared by every repository)."""
+        return self.data_dir / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+
+    def link_blob(self, repo: str, hexdigest: str) -> None:
+        """Make ``repo`` hold the blob, as an upload to it would have."""
+        link = self.data_dir / "docker/registry/v2/repositories" / repo / "_layers/sha256" / hexdigest / "link"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.write_text(f"sha256:{hexdigest}")
+
+    def uploads(self, repo: str) -> list[str]:
+        """Upload sessions the registry still keeps for ``repo`` (started, never finished or
+        cancelled). A cancelled one keeps an empty hash state behind (distribution 2.8),
+        but neither its ``startedat`` nor its ``data``."""
+        d = self.data_dir / "docker/registry/v2/repositories" / repo / "_uploads"
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if (p / "startedat").exists() or (p / "data").exists())
+
+    def docker_config(self, directory: Path, user: str, password: str | None = None) -> Path:
+        """A DOCKER_CONFIG directory whose config.json holds ``user``'s credentials here."""
+        import base64
+
+        directory.mkdir(parents=True, exist_ok=True)
+        secret = self.users[user] if password is None else password
+        auth = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        (directory / "config.json").write_text(json.dumps({"auths": {self.host: {"auth": auth}}}))
+        return directory
+
+
+def _htpasswd(users: dict[str, str]) -> str:
+    """htpasswd lines with bcrypt hashes (the only kind distribution takes), at the
+    lowest cost: the registry checks the password on every request."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # glibc's libxcrypt makes $2b$ (bcrypt) hashes
+
+        salt = crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)
+        return "".join(f"{u}:{crypt.crypt(p, salt)}\n" for u, p in users.items())
+
+
+class TokenService:
+    """A registry token service (the distribution token authentication spec): answers
+    ``GET /token?service=…&scope=repository:NAME:ACTIONS`` with an ES256 JWT whose
+    ``access`` claim grants what ``grants`` allows the caller (Basic credentials from
+    ``users``, or anonymous as user ""), signed by a key whose certificate the registry
+    trusts (``rootcertbundle``; the certificate rides in the JWT's ``x5c`` header).
+    Runs in a thread of the test process; ``requests`` records every (user, scope)."""
+
+    SERVICE = "weightship-test-registry"
+    ISSUER = "weightship-test-token-issuer"
+
+    def __init__(self, directory: Path, users: dict[str, str], grants: dict[str, set[str]]) -> None:
+        import datetime
+        import http.server
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.users = users
+        self.grants = grants
+        self.requests: list[tuple[str, str]] = []
+        self.ttl = 300
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightship test token signer")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self.cert_path = directory / "token-signer.pem"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self._x5c = base64_std(cert.public_bytes(serialization.Encoding.DER))
+        service = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                service._answer(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self.realm = f"http://127.0.0.1:{self.port}/token"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _answer(self, h: Any) -> None:
+        import base64
+        from urllib.parse import parse_qs, urlsplit
+
+        q = parse_qs(urlsplit(h.path).query)
+        user = ""
+        auth = h.headers.get("Authorization", "")
+        if auth.startswith("Basic "):
+            name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+            if self.users.get(name) != password:
+                h.send_response(401)
+                h.end_headers()
+                return
+            user = name
+        access = []
+        for scope in q.get("scope", []):
+            kind, _, rest = scope.partition(":")
+            repo, _, actions = rest.rpartition(":")
+            self.requests.append((user, scope))
+            allowed = [a for a in actions.split(",") if a in self.grants.get(user, set())]
+            access.append({"type": kind, "name": repo, "actions": allowed})
+        body = json.dumps({"token": self._jwt(user, access), "expires_in": self.ttl}).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _jwt(self, user: str, access: list[dict[str, Any]]) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "ES256", "x5c": [self._x5c]}
+        claims = {
+            "iss": self.ISSUER, "sub": user, "aud": self.SERVICE, "exp": now + self.ttl, "nbf": now - 10,
+            "iat": now, "jti": uuid.uuid4().hex, "access": access,
+        }  # fmt: skip
+        signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+        r, s_ = decode_dss_signature(self._key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+        return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s_.to_bytes(32, 'big'))}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def b64url(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def base64_std(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def start_registry(
+    tmp_dir: Path | str,
+    *,
+    users: dict[str, str] | None = None,
+    token: TokenService | None = None,
+    binary: str | None = None,
+    timeout: float = 30.0,
+) -> RegistryServer:
+    """Start ``docker-registry serve CONFIG`` on 127.0.0.1 on a free port, storing under
+    ``tmp_dir``, deletes enabled, no blob descriptor cache (a test that changes a blob's
+    bytes on disk must see the registry serve them). Authentication: ``users`` alone,
+    htpasswd (Basic); with ``token``, bearer tokens from that token service."""
+    binary = binary or registry_binary()
+    if binary is None:
+        raise RuntimeError("docker-registry not found: apt-get install docker-registry")
+    base = Path(tmp_dir) / f"registry-{uuid.uuid4().hex[:8]}"
+    data = base / "data"
+    data.mkdir(parents=True)
+    port = free_port()
+    lines = [
+        "version: 0.1",
+        "log:",
+        "  level: warn",
+        "  accesslog:",
+        "    disabled: true",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {data}",
+        "  delete:",
+        "    enabled: true",
+        "  maintenance:",
+        "    uploadpurging:",
+        "      enabled: false",
+        "http:",
+        f"  addr: 127.0.0.1:{port}",
+        "  secret: weightship-test-registry-secret",
+    ]
+    if token is not None:
+        lines += [
+            "auth:",
+            "  token:",
+            f"    realm: {token.realm}",
+            f"    service: {token.SERVICE}",
+            f"    issuer: {token.ISSUER}",
+            f"    rootcertbundle: {token.cert_path}",
+        ]
+    elif users:
+        (base / "htpasswd").write_text(_htpasswd(users))
+        lines += ["auth:", "  htpasswd:", "    realm: weightship-test", f"    path: {base / 'htpasswd'}"]
+    (base / "config.yml").write_text("\n".join(lines) + "\n")
+    log_path = base / "registry.log"
+    proc = _spawn([binary, "serve", str(base / "config.yml")], base, log_path)
+    server = RegistryServer(
+        host=f"127.0.0.1:{port}",
+        port=port,
+        pid=proc.pid,
+        data_dir=data,
+        log_path=log_path,
+        users=dict(users or {}),
+        _proc=proc,
+    )
+    try:
+        _wait_registry_ready(server, timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_registry_ready(server: RegistryServer, timeout: float) -> None:
+    """Ready means ``GET /v2/`` answers (200, or 401 with auth), not merely an open port."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"docker-registry exited early:\n{server.log_tail()}")
+        try:
+            r = httpx.get(f"http://{server.host}/v2/", timeout=2, trust_env=False)
+            if r.status_code in (200, 401):
+                return
+            last = r.status_code
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"docker-registry not ready after {timeout}s ({last}):\n{server.log_tail()}")
+
+
 if __name__ == "__main__":
     # Handy by hand: python tests/servers.py /tmp/x  -> prints env, runs until Ctrl-C.
     import tempfile

@@ -160,8 +160,12 @@ def test_refused_inputs_leave_store_unchanged(tmp_path: Path, small_model: Path,
     assert run_cli("publish", small_model, "demo:1.0", "--tag", "prod", "--store", file_store).returncode == 0
     before = tree_digest(store_root)
 
-    # An existing version is never overwritten.
-    assert_refused(run_cli("publish", small_model, "demo:1.0", "--store", file_store), store_root, before, "1.0")
+    # An existing version is never overwritten: other bytes are refused (a retry of the
+    # very same publish succeeds, writing nothing; tests/test_lifecycle.py).
+    changed = tmp_path / "changed"
+    shutil.copytree(small_model, changed)
+    (changed / "config.json").write_text('{"changed": true}')
+    assert_refused(run_cli("publish", changed, "demo:1.0", "--store", file_store), store_root, before, "1.0")
     # A tag may not take the name of a version, by publish or by tag.
     assert_refused(
         run_cli("publish", small_model, "demo:2.0", "--tag", "1.0", "--store", file_store), store_root, before, "1.0"

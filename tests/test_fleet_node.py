@@ -90,7 +90,7 @@ def test_local_region_layout_tags_and_rewarm(lab) -> None:
     proc = run_cli("status", "m:prod", "--region", "lab", "--json", cwd=root)
     assert proc.returncode == 1
     row = cli_json(proc)["nodes"][0]
-    assert row["state"] == "pending" and row["tag_version"] == "2.0" and "warm m:prod" in row["error"]
+    assert row["state"] == "staged" and row["tag_version"] == "2.0" and "warm m:prod" in row["error"]
 
 
 def test_node_refuses_unsafe_manifest_and_foreign_protocol(tmp_path: Path) -> None:

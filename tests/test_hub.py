@@ -447,3 +447,45 @@ def test_snapshot_without_symlinks_is_still_packed(tmp_path: Path):
     (storage / "refs" / "main").write_text(COMMIT)
     snap = hub.snapshot(URL, cache_dir=tmp_path / "hub", offline=True)
     assert sorted(snap.packed.local) == ["1_Pooling/config.json", "config.json"]
+
+
+def cache_of(hub: Path, files: dict[str, bytes]) -> None:
+    """A Hub cache holding ``files`` at COMMIT, every one an LFS blob as the Hub keeps weights."""
+    storage = hub / f"models--{REPO.replace('/', '--')}"
+    blobs, snap = storage / "blobs", storage / "snapshots" / COMMIT
+    blobs.mkdir(parents=True)
+    for rel, data in files.items():
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(COMMIT)
+
+
+def test_snapshot_gets_the_header_checks_of_a_directory(tmp_path: Path):
+    """A Hub snapshot is held to what pack holds a directory to: its GGUF headers are read
+    (and summarised in the manifest), and a sharded index must agree with its shards."""
+    from tests.test_gguf import Q4_K, gguf_bytes
+    from tests.test_index_consistency import index_of, sharded, write_index
+    from weightship.artifact import hub
+    from weightship.errors import ModelError
+
+    good = gguf_bytes(tensors=[("w", [256, 4], Q4_K, 576)])
+    cache_of(tmp_path / "ok", {"model.gguf": good})
+    snap = hub.snapshot(URL, cache_dir=tmp_path / "ok", offline=True)
+    (entry,) = snap.packed.manifest.files
+    assert entry.gguf is not None and (entry.gguf.tensors, entry.gguf.parameters) == (1, 1024)
+
+    cache_of(tmp_path / "cut", {"model.gguf": good[:-100]})
+    with pytest.raises(ModelError, match=r"^model\.gguf: malformed or truncated GGUF file"):
+        hub.snapshot(URL, cache_dir=tmp_path / "cut", offline=True)
+
+    model = sharded(tmp_path / "model")
+    weight_map = index_of(model)
+    weight_map["embed.weight"] = "model-00002-of-00002.safetensors"  # the first shard holds it
+    write_index(model, weight_map)
+    cache_of(tmp_path / "idx", {p.name: p.read_bytes() for p in model.iterdir()})
+    with pytest.raises(ModelError, match=r"^tensor 'embed\.weight' is mapped to shard .*, whose header lacks it"):
+        hub.snapshot(URL, cache_dir=tmp_path / "idx", offline=True)

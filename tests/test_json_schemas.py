@@ -96,7 +96,9 @@ def github_env(tmp: Path) -> tuple[dict[str, str], Path, Path]:
 
 def test_shipped_schemas_are_draft_2020_12_and_named_by_their_id():
     shipped = schemas.available()
-    expected = {"manifest", "publish", "pull", "show", "ls", "verify", "tag", "warm", "warm-plan", "status"}
+    expected = {"manifest", "publish", "pull", "show", "ls", "verify", "tag", "warm", "warm-plan", "status", "gc"}
+    expected |= {"fleet-ls", "node-status", "node-gc", "node-verify", "node-have", "node-pin", "node-warm"}
+    expected |= {"node-error", "node-wait", "rm", "untag", "prune"}
     assert {s.split(".", 1)[1].split("/")[0] for s in shipped} >= expected
     for schema_id in shipped:
         doc = schemas.load(schema_id)
@@ -128,6 +130,8 @@ def test_store_commands_follow_their_schemas(small_model: Path, keypair, file_st
     assert again["signed"] == "unsigned" and again["tags"] == [] and again["bytes_skipped"] > 0
 
     tagged = valid(run_cli("tag", "demo:1.1", "canary", "--store", file_store, "--json"), "weightship.tag/v1")
+    # `previous` (where the tag pointed before) is an additive field of tag/v1.
+    assert tagged.pop("previous", "1.0") == "1.0"
     assert tagged == {
         "schema": "weightship.tag/v1",
         "name": "demo",
@@ -174,6 +178,38 @@ def test_schemas_reject_broken_documents(small_model: Path, file_store: str):
     assert errors({**doc, "schema": "weightship.publish/v2"}, "weightship.publish/v1")
     assert errors({**doc, "signed": "maybe"}, "weightship.publish/v1")
     assert errors({"demo": {"versions": ["1"]}}, "weightship.ls/v1")  # tags missing
+
+
+def test_gguf_entries_and_publish_warnings_follow_their_schemas(file_store: str, tmp_path: Path):
+    """A GGUF file's header summary (files[].gguf) in pack, publish and show, and a
+    publish's pickle warnings, each held to the schema that documents it."""
+    import pickle
+
+    from tests.test_gguf import F32, Q4_K, gguf_bytes
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "q4.gguf").write_bytes(gguf_bytes(tensors=[("w", [256, 4], Q4_K, 576), ("n", [256], F32, 1024)]))
+    (model / "extra.pt").write_bytes(pickle.dumps({"step": 1}, protocol=4))
+
+    packed = valid(run_cli("pack", model, "--json"), "weightship.manifest/v1")
+    entry = next(f for f in packed["files"] if f["path"] == "q4.gguf")
+    assert entry["gguf"]["types"] == {"F32": 1, "Q4_K": 1} and entry["gguf"]["architecture"] == "llama"
+    broken = copy.deepcopy(packed)
+    next(f for f in broken["files"] if f["path"] == "q4.gguf")["gguf"]["types"] = {"F32": "one"}
+    assert errors(broken, "weightship.manifest/v1")
+    del next(f for f in broken["files"] if f["path"] == "q4.gguf")["gguf"]["version"]
+    assert any("'version' is a required property" in e for e in errors(broken, "weightship.manifest/v1"))
+
+    proc = run_cli("publish", model, "q4:1", "--store", file_store, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    published = valid(proc, "weightship.publish/v1")
+    (warning,) = published["warnings"]
+    assert warning.startswith("extra.pt is a pickle")
+    assert errors({**published, "warnings": "extra.pt"}, "weightship.publish/v1")
+
+    shown = valid(run_cli("show", "q4:1", "--store", file_store, "--json", cwd=tmp_path), "weightship.show/v1")
+    assert next(f for f in shown["files"] if f["path"] == "q4.gguf")["gguf"] == entry["gguf"]
 
 
 # -- the fleet: warm and status -----------------------------------------------------------
@@ -293,6 +329,87 @@ def test_status_schema_rejects_broken_documents(fleet_ws: Path):
     assert not errors(warm, "weightship.warm/v1")
     # Neither `ready` (--wait) nor `accepted` (--detach): no count to decide on.
     assert errors({k: v for k, v in warm.items() if k != "ready"}, "weightship.warm/v1")
+
+
+def test_gc_and_fleet_ls_follow_their_schemas(fleet_ws: Path):
+    proc = run_cli("gc", "--region", "local", "--dry-run", "--json", cwd=fleet_ws)
+    assert proc.returncode == 0, proc.stderr
+    doc = valid(proc, "weightship.gc/v1")
+    assert doc["ok"] is True and doc["dry_run"] is True and doc["region"] == "local"
+    assert [n["node"] for n in doc["nodes"]] == ["gpu-1", "gpu-2", "gpu-3"]
+    assert all(n["state"] == "ok" and n["evicted"] == [] for n in doc["nodes"])
+
+    # A node that does not answer: still the document, ok false, exit 1.
+    far = run_cli("gc", "--region", "far", "--json", cwd=fleet_ws)
+    assert far.returncode == 1, far.stderr
+    doc = valid(far, "weightship.gc/v1")
+    assert doc["ok"] is False and doc["nodes"][0]["state"] == "unreachable" and doc["nodes"][0]["error"]
+    broken = copy.deepcopy(doc)
+    broken["nodes"][0]["state"] = "ok"  # an answering node says what it evicted
+    assert any("'evicted' is a required property" in e for e in errors(broken, "weightship.gc/v1"))
+
+    listed = valid(run_cli("fleet", "ls", "--json", cwd=fleet_ws), "weightship.fleet-ls/v1")
+    assert sorted(listed["regions"]) == ["far", "local"] and listed["source"] == str(fleet_ws / "weightship.toml")
+    assert [n["name"] for n in listed["regions"]["local"]["nodes"]] == ["gpu-1", "gpu-2", "gpu-3"]
+    assert "token" not in json.dumps(listed["regions"]["far"])  # secrets stay out of the document
+    assert errors({**listed, "regions": {"x": {"nodes": []}}}, "weightship.fleet-ls/v1")
+
+
+def _lines(proc) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_node_documents_follow_their_schemas(fleet_ws: Path, tmp_path: Path):
+    """``node … --json``, what an ssh node prints: each line names its schema."""
+    from weightship import release
+    from weightship.node.protocol import WarmRequest
+    from weightship.store import open_store
+
+    store = f"file://{fleet_ws / 'store'}"
+    st = open_store(store)
+    try:
+        rel = release.resolve(st, "demo:prod")
+    finally:
+        st.close()
+    request = WarmRequest(rel.manifest_bytes, rel.signature, {"store": store}, tags=["prod"]).to_json().decode()
+    cache = tmp_path / "cache"
+
+    warm = run_cli("node", "warm", "--cache", cache, "--json", input=request, cwd=fleet_ws)
+    assert warm.returncode == 0, warm.stderr
+    events = _lines(warm)
+    assert len(events) >= 2 and events[-1]["event"] == "result" and events[-1]["state"] == "ready"
+    for ev in events:
+        assert ev["schema"] == "weightship.node-warm/v1" and not errors(ev, "weightship.node-warm/v1"), ev
+    assert errors({k: v for k, v in events[-1].items() if k != "digest"}, "weightship.node-warm/v1")
+
+    def one(*args: str | Path, input: str | None = None, code: int = 0) -> dict[str, Any]:
+        proc = run_cli("node", *args, "--json", input=input, cwd=fleet_ws)
+        assert proc.returncode == code, proc.stderr
+        (doc,) = _lines(proc)
+        problems = errors(doc, doc["schema"])
+        assert not problems, "\n".join(problems)
+        return doc
+
+    status = one("status", "--cache", cache, "demo:prod", "--version", rel.version, "--digest", rel.digest)
+    assert status["schema"] == "weightship.node-status/v1" and status["state"] == "ready"
+    every = one("status", "--cache", cache)
+    assert every["schema"] == "weightship.node-status/v1" and every["releases"][0]["tags"] == ["prod"]
+    assert errors({k: v for k, v in status.items() if k != "tag_version"}, "weightship.node-status/v1")
+    verified = one("verify", "--cache", cache, "demo:prod")
+    assert verified["schema"] == "weightship.node-verify/v1" and verified["verified"] is True
+    pinned = one("pin", "--cache", cache, "demo:prod")
+    assert pinned["schema"] == "weightship.node-pin/v1" and pinned["pinned"] is True
+    gc = one("gc", "--cache", cache, "--dry-run")
+    assert gc["schema"] == "weightship.node-gc/v1" and gc["kept"] == [f"demo:{rel.version}"]
+    blob = json.loads(rel.manifest_bytes)["files"][0]["sha256"]
+    have = one("have", "--cache", cache, input=json.dumps({"blobs": [blob, "0" * 64]}))
+    assert have["schema"] == "weightship.node-have/v1" and list(have["blobs"]) == [blob]
+
+    # A failure is one line too, with its own schema: a bad request (2), a missing release (1).
+    bad = one("warm", "--cache", cache, input="{}", code=2)
+    assert bad["schema"] == "weightship.node-error/v1" and "malformed warm request" in bad["error"]
+    missing = one("verify", "--cache", cache, "demo:9.9", code=1)
+    assert missing["schema"] == "weightship.node-error/v1" and missing["retryable"] is False
 
 
 # -- GitHub outputs -----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import weightship
@@ -30,3 +32,28 @@ def test_publish_pull_warm_status_through_the_package_root(tmp_path: Path, keypa
     assert doc["schema"] == "weightship.warm/v1" and doc["ok"] and doc["ready"] == 2
     status = weightship.status("api:prod", "lab", config=config)
     assert status.ok and status.to_dict()["ready"] == 2
+
+    # A node's side: wait for the release in a node cache (what `node wait` does).
+    waited = weightship.wait_ready(tmp_path / "cache-1", "api:prod", timeout=10)
+    assert isinstance(waited, weightship.WaitResult)
+    assert waited.ok and waited.version == "1.0" and waited.to_dict()["schema"] == "weightship.node-wait/v1"
+    absent = weightship.wait_ready(tmp_path / "cache-1", "api:9.9", timeout=0)
+    assert not absent.ok and absent.timed_out and absent.state == "absent"
+
+
+def test_the_package_root_lists_its_api_and_loads_the_engine_lazily() -> None:
+    expected = {"open_store", "resolve", "publish", "pull", "tag", "rm", "untag", "prune", "warm", "status"}
+    expected |= {"wait_ready", "WaitResult", "__version__"}
+    assert set(weightship.__all__) == expected
+    assert all(hasattr(weightship, name) for name in weightship.__all__)
+    # Importing the package loads no engine: the node's wait loads on first use.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, weightship; print('weightship.node.wait' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.strip() == "False", proc.stderr
+    from weightship.node.wait import WaitResult
+
+    assert weightship.WaitResult is WaitResult

@@ -1,5 +1,6 @@
 """One contract, every store: the Store interface (weightship/store/base.py) against
-``file://`` (a tmp dir), ``s3://`` (a real SeaweedFS) and ``az://`` (a real Azurite).
+``file://`` (a tmp dir), ``s3://`` (a real SeaweedFS), ``az://`` (a real Azurite) and
+``oci://`` (a real registry, CNCF distribution; its blob calls scoped to release ``m``).
 
 The same test runs against each backend (``store_url``: file, s3, az); what only object
 stores do (throttled uploads killed half-way, connections cut mid-download, credentials
@@ -50,9 +51,15 @@ assert 8 * MiB == PART_SIZE  # the sizes below are chosen around it
 class Backend:
     """One store under test, and a way around weightship to the bytes it holds."""
 
-    kind: str  # file, s3, az
+    kind: str  # file, s3, az, oci
     url: str
-    server: Any = None  # S3Server, AzuriteServer, or None for file://
+    server: Any = None  # S3Server, AzuriteServer, RegistryServer, or None for file://
+
+    @property
+    def repository(self) -> str:
+        """oci://: the repository the store's blob calls go to (NAMESPACE/NAME)."""
+        ns = self.url.split("://", 1)[1].split("?")[0].split("/", 1)[1]
+        return f"{ns}/{self.url.split('name=', 1)[1]}"
 
     @property
     def container(self) -> str:
@@ -75,6 +82,13 @@ class Backend:
             if p.exists():
                 p.chmod(0o644)  # blobs are read-only
             p.write_bytes(data)
+        elif self.kind == "oci":
+            # In the registry's own storage: the bytes, and the repository's link to them.
+            hexdigest = key.rsplit("/", 1)[1]
+            p = self.server.blob_path(hexdigest)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+            self.server.link_blob(self.repository, hexdigest)
         elif self.kind == "s3":
             self.server.client().put_object(Bucket=self.container, Key=f"{self.prefix}/{key}", Body=data)
         else:
@@ -92,6 +106,8 @@ class Backend:
             c = self.server.client().get_container_client(self.container)
             committed = {b.name for b in c.list_blobs()}
             return [b.name for b in c.list_blobs(include=["uncommittedblobs"]) if b.name not in committed]
+        if self.kind == "oci":
+            return self.server.uploads(self.repository)  # upload sessions never finished or cancelled
         return []
 
     def endpoint_env(self, endpoint: str) -> dict[str, str]:
@@ -103,6 +119,8 @@ class Backend:
     def proxied(self, monkeypatch) -> tuple[Store, Any]:
         """A store whose every request goes through a fresh counting proxy."""
         proxy = self.server.proxy()
+        if self.kind == "oci":
+            return open_store(self.url.replace(self.server.host, f"127.0.0.1:{proxy.port}")), proxy
         for k, v in self.endpoint_env(proxy.endpoint).items():
             monkeypatch.setenv(k, v)
         return open_store(self.url), proxy
@@ -145,21 +163,43 @@ class RequestLoggingProxy(CountingProxy):
 
 def _backend(request, url: str) -> Backend:
     kind = url.split("://", 1)[0]
-    server = {"s3": "s3_server", "az": "azurite_server"}.get(kind)
+    server = {"s3": "s3_server", "az": "azurite_server", "oci": "registry_server"}.get(kind)
     return Backend(kind, url, request.getfixturevalue(server) if server else None)
 
 
-@pytest.fixture(params=["file", "s3", "az"])
+def _url(request, kind: str, tmp_path: Path) -> str:
+    if kind == "file":
+        return f"file://{tmp_path / 'store'}"
+    url = request.getfixturevalue(f"{kind}_store_url")
+    # A registry keeps blobs per repository: the blob calls below go to release m's.
+    return f"{url}?name=m" if kind == "oci" else url
+
+
+# Stores of arbitrary keys and bytes. A registry (oci) holds only what a release is made
+# of (a manifest key's bytes must be a manifest, a tag's a version): the tests that write
+# arbitrary bytes run on these, and tests/test_oci_store.py has the registry's own.
+KEY_VALUE = ["file", "s3", "az"]
+
+
+@pytest.fixture(params=[*KEY_VALUE, "oci"])
 def store_url(request, tmp_path: Path) -> str:
     """Every backend; the file store needs no server."""
-    if request.param == "file":
-        return f"file://{tmp_path / 'store'}"
-    return request.getfixturevalue(f"{request.param}_store_url")
+    return _url(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=KEY_VALUE)
+def kv_store_url(request, tmp_path: Path) -> str:
+    return _url(request, request.param, tmp_path)
 
 
 @pytest.fixture
 def backend(request, store_url: str) -> Backend:
     return _backend(request, store_url)
+
+
+@pytest.fixture
+def kv_backend(request, kv_store_url: str) -> Backend:
+    return _backend(request, kv_store_url)
 
 
 @pytest.fixture(params=["s3", "az"])
@@ -184,7 +224,8 @@ def blob_file(path: Path, data: bytes) -> tuple[str, int]:
 # -- small objects ----------------------------------------------------------------------
 
 
-def test_objects_round_trip(store_url: str) -> None:
+def test_objects_round_trip(kv_store_url: str) -> None:
+    store_url = kv_store_url
     store = open_store(store_url)
     assert store.url == store_url
     assert not store.exists("releases/m/1/manifest.json")
@@ -221,7 +262,8 @@ def test_objects_round_trip(store_url: str) -> None:
 MANY_KEYS = {"file": 1200, "s3": 1200, "az": 5001}
 
 
-def test_listing_pages_through_many_keys(backend: Backend, monkeypatch) -> None:
+def test_listing_pages_through_many_keys(kv_backend: Backend, monkeypatch) -> None:
+    backend = kv_backend
     store = open_store(backend.url)
     names = [f"releases/many/{sha(str(i).encode())[:16]}/manifest.json" for i in range(MANY_KEYS[backend.kind])]
     with ThreadPoolExecutor(32) as pool:
@@ -249,8 +291,8 @@ def test_listing_pages_through_many_keys(backend: Backend, monkeypatch) -> None:
     store.close()
 
 
-def test_exclusive_write_never_replaces_and_one_racer_wins(store_url: str) -> None:
-    store = open_store(store_url)
+def test_exclusive_write_never_replaces_and_one_racer_wins(kv_store_url: str) -> None:
+    store = open_store(kv_store_url)
     store.write("releases/m/1/manifest.json", b"first", exclusive=True)
     with pytest.raises(ConflictError, match="already exists"):
         store.write("releases/m/1/manifest.json", b"second", exclusive=True)
@@ -333,11 +375,41 @@ def test_blob_round_trip_empty_small_and_multipart(store_url: str, tmp_path: Pat
         assert sum(seen) == size
         assert dest.read_bytes() == data
         assert store.get_blob(hexdigest, dest, size) == 0  # complete already: nothing fetched
-    assert store.list("blobs/") == sorted(blob_key(sha(d)) for d in cases.values())
+    if not store_url.startswith("oci://"):  # a registry lists no blob that no manifest names
+        assert store.list("blobs/") == sorted(blob_key(sha(d)) for d in cases.values())
     # A blob the store lacks is NotFoundError, not an empty or partial success.
     missing = sha(b"never stored")
     with pytest.raises(NotFoundError):
         store.get_blob(missing, tmp_path / "missing.out", 12)
+    store.close()
+
+
+def test_listings_with_sizes_and_ages_for_prune(kv_store_url: str, tmp_path: Path) -> None:
+    """list_info and list_blobs (what prune decides by): every object with its size and
+    its last-modified time by the store's clock; list_blobs only committed blobs."""
+    from datetime import datetime, timedelta, timezone
+
+    store = open_store(kv_store_url)
+    before = datetime.now(timezone.utc) - timedelta(seconds=2)  # S3 counts whole seconds
+    blobs = {}
+    for i, n in enumerate((0, 10, 3 * MiB + 1)):
+        hexdigest, size = blob_file(tmp_path / f"b{i}", rand(n, 20 + i))
+        store.put_blob(hexdigest, tmp_path / f"b{i}", size)
+        blobs[hexdigest] = size
+    store.write("releases/m/1/manifest.json", b"{}")
+    store.write("tags/m/prod", b"1")
+    after = datetime.now(timezone.utc) + timedelta(seconds=2)
+    infos = store.list_info("releases/") + store.list_info("tags/")
+    assert [(i.key, i.size) for i in infos] == [("releases/m/1/manifest.json", 2), ("tags/m/prod", 1)]
+    listed = list(store.list_blobs())
+    assert {b.hexdigest: b.size for b in listed} == blobs
+    for item in [*infos, *listed]:
+        assert item.modified.tzinfo is not None and before <= item.modified <= after, item
+    assert store.list_info("nothing/") == []
+    # Nothing was interrupted: no leftovers, whatever the cutoff.
+    assert store.delete_leftovers(after + timedelta(days=1)) == []
+    store.delete(blob_key(next(iter(blobs))))
+    assert len(list(store.list_blobs())) == 2
     store.close()
 
 
@@ -486,13 +558,13 @@ def test_a_store_blob_longer_than_declared_never_writes_past_the_size(backend: B
     for size in (1000, 3 * MiB):
         store, hexdigest, _, biggest = _longer_than_declared(backend, tmp_path, size)
         assert biggest <= size
-        assert blob_key(hexdigest) in store.list("blobs/")  # the reader changed nothing in the store
+        assert store.has_blob(hexdigest)  # the reader changed nothing in the store
         store.close()
 
 
-@pytest.mark.parametrize("kind", ["file", "s3", "az"])
+@pytest.mark.parametrize("kind", [*KEY_VALUE, "oci"])
 def test_get_blob_deletes_dest_when_the_store_blob_is_too_long(kind: str, request, tmp_path: Path) -> None:
-    url = f"file://{tmp_path / 'store'}" if kind == "file" else request.getfixturevalue(f"{kind}_store_url")
+    url = _url(request, kind, tmp_path)
     store, _, dest, _ = _longer_than_declared(_backend(request, url), tmp_path, 1000)
     assert not dest.exists()
     store.close()
@@ -518,7 +590,8 @@ def test_a_store_blob_with_trailing_bytes(backend: Backend, tmp_path: Path) -> N
     store.close()
 
 
-def test_presigned_blob_url_needs_no_credentials(backend: Backend, tmp_path: Path, monkeypatch) -> None:
+def test_presigned_blob_url_needs_no_credentials(kv_backend: Backend, tmp_path: Path, monkeypatch) -> None:
+    backend = kv_backend
     store = open_store(backend.url)
     data = rand(123_456, 8)
     hexdigest, size = blob_file(tmp_path / "f", data)

@@ -19,6 +19,7 @@ used, so that importing ``weightship`` and running ``weightship --help`` stay fa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,17 @@ if TYPE_CHECKING:
     from weightship.fleet.inventory import Node
     from weightship.fleet.orchestrate import StatusReport, WarmReport
     from weightship.fleet.transports.base import Transport
-    from weightship.release import PublishResult, PullResult, Release
+    from weightship.node.layout import CacheLayout
+    from weightship.node.wait import RequestWarm, WaitResult
+    from weightship.release import (
+        PruneResult,
+        PublishResult,
+        PullResult,
+        Release,
+        RemoveResult,
+        TagResult,
+        UntagResult,
+    )
     from weightship.store import Store
     from weightship.trust.policy import TrustPolicy
     from weightship.trust.signers import Signer
@@ -71,12 +82,53 @@ def publish(
 
 
 def pull(
-    ref: str, dest: Path | str, store: Store | str | None = None, *, policy: TrustPolicy | None = None
+    ref: str,
+    dest: Path | str,
+    store: Store | str | None = None,
+    *,
+    policy: TrustPolicy | None = None,
+    force: bool = False,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
 ) -> PullResult:
-    """Materialise a release into ``dest``, every byte and the signature verified first."""
+    """Materialise a release into ``dest``, every byte and the signature verified first;
+    ``force`` replaces a ``dest`` that is not empty, ``include``/``exclude`` (globs)
+    take part of the release (see ``weightship pull``)."""
     from weightship import release
 
-    return release.pull(_store(store), ref, dest, policy=policy)
+    return release.pull(_store(store), ref, dest, policy=policy, force=force, include=include, exclude=exclude)
+
+
+def tag(ref: str, tag_name: str, store: Store | str | None = None) -> TagResult:
+    """Point ``NAME:TAG`` at the release ``ref`` names; ``.previous`` is where it pointed."""
+    from weightship import release
+
+    return release.tag(_store(store), ref, tag_name)
+
+
+def rm(ref: str, store: Store | str | None = None, *, force: bool = False) -> RemoveResult:
+    """Remove the release ``NAME:VERSION``; ``force`` removes the tags pointing at it too
+    (otherwise a tagged release is refused). Its blobs stay until :func:`prune`."""
+    from weightship import release
+
+    return release.rm(_store(store), ref, force=force)
+
+
+def untag(ref: str, store: Store | str | None = None) -> UntagResult:
+    """Remove the tag ``NAME:TAG`` (a version is refused: see :func:`rm`)."""
+    from weightship import release
+
+    return release.untag(_store(store), ref)
+
+
+def prune(
+    store: Store | str | None = None, *, grace: timedelta = timedelta(hours=24), dry_run: bool = False
+) -> PruneResult:
+    """Delete the blobs no release references (and signatures of removed releases) last
+    modified more than ``grace`` ago; ``dry_run`` only says what would go."""
+    from weightship import release
+
+    return release.prune(_store(store), grace=grace, dry_run=dry_run)
 
 
 def warm(
@@ -132,4 +184,44 @@ def status(ref: str | None, region: str, *, config: Path | None = None, store: s
     return asyncio.run(orchestrate.status_regions([reg], queries, transport_for, ref=ref))
 
 
-__all__ = ["__version__", "open_store", "publish", "pull", "resolve", "status", "warm"]
+def wait_ready(
+    cache: CacheLayout | Path | str,
+    ref: str,
+    timeout: float,
+    *,
+    request_warm: RequestWarm | None = None,
+) -> WaitResult:
+    """Wait up to ``timeout`` seconds for ``ref`` to be ready in the node cache ``cache``
+    (what ``weightship node wait`` does, e.g. in a serving pod's init container); never
+    raises for a failed warm or the timeout: the :class:`WaitResult` says which. See
+    :func:`weightship.node.wait.wait_ready` for ``request_warm``."""
+    from weightship.node import wait
+
+    return wait.wait_ready(cache, ref, timeout, request_warm=request_warm)
+
+
+def __getattr__(name: str) -> object:
+    # Classes cannot be wrapped as the functions above are: they load on first use (PEP 562),
+    # so that ``import weightship`` does not load the node engine.
+    if name == "WaitResult":
+        from weightship.node.wait import WaitResult
+
+        return WaitResult
+    raise AttributeError(f"module 'weightship' has no attribute {name!r}")
+
+
+__all__ = [
+    "WaitResult",
+    "__version__",
+    "open_store",
+    "prune",
+    "publish",
+    "pull",
+    "resolve",
+    "rm",
+    "status",
+    "tag",
+    "untag",
+    "wait_ready",
+    "warm",
+]

@@ -42,7 +42,7 @@ def _is_text(v: Any) -> bool:
 
 def _is_store_url(v: Any) -> bool:
     # A bare path is a file store too (open_store accepts it); any other scheme is not a store.
-    return _is_text(v) and ("://" not in v or v.startswith(("file://", "s3://", "az://")))
+    return _is_text(v) and ("://" not in v or v.startswith(("file://", "s3://", "az://", "oci://")))
 
 
 def _is_paths(v: Any) -> bool:
@@ -68,10 +68,16 @@ _PATHS = Expect('a list of paths, e.g. ["keys/release.pub"]', _is_paths)
 SCHEMA: dict[str, dict[str, Expect]] = {
     "store": {
         "url": Expect(
-            'a store URL, e.g. "s3://bucket/prefix", "az://container/prefix" or "file:///srv/weights"', _is_store_url
+            'a store URL, e.g. "s3://bucket/prefix", "az://container/prefix", "oci://registry.example/models"'
+            ' or "file:///srv/weights"',
+            _is_store_url,
         )
     },
     "signing": {"key": Expect('the path of a PEM private key, e.g. "keys/release.pem"', _is_text)},
+    "publish": {
+        # What publish and pack do about pickle files (weightship.artifact.pickles).
+        "pickle": Expect('one of "warn", "refuse" or "allow"', lambda v: v in ("warn", "refuse", "allow")),
+    },
     "policy": {
         "keys": _PATHS,
         "cert_chains": Expect('a list of CA certificate paths, e.g. ["keys/ca.pem"]', _is_paths),
@@ -120,6 +126,13 @@ class Config:
             return Path(os.environ["WEIGHTSHIP_SIGNING_KEY"])
         key = (self.data.get("signing") or {}).get("key")
         return self.base / key if key else None
+
+    def pickle_mode(self, refuse_flag: bool = False) -> str:
+        """What to do about pickle files: ``refuse`` with --refuse-pickle, else
+        [publish] pickle, else ``warn``."""
+        if refuse_flag:
+            return "refuse"
+        return str((self.data.get("publish") or {}).get("pickle", "warn"))
 
     def policy(self) -> TrustPolicy:
         """The [policy] table: what a release must be signed by to be pulled or warmed."""

@@ -37,3 +37,8 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 node``, ``3 nodes``: a count and its noun, agreeing (``words`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"

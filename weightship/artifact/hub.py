@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from weightship.artifact import hashing, pack, tensors
+from weightship.artifact import hashing, pack
 from weightship.artifact.manifest import FileEntry, Manifest, check_relpath
 from weightship.errors import IntegrityError, ModelError, UsageError, WeightshipError
 from weightship.progress import Reporter
@@ -175,14 +175,17 @@ def snapshot(
             )
 
     local = {rel: files[rel] for rel in selected}
-    summaries = {rel: tensors.summarise(p, rel) for rel, p in local.items() if tensors.is_safetensors(rel)}
+    # The header checks a directory gets (safetensors, GGUF, sharded indexes), before any
+    # hashing. The pickle guard is left to release.publish, which knows the configured mode
+    # and applies it to every packed model: running it here too would warn twice.
+    summaries, ggufs, _ = pack.check_files(local, pickle="allow")
     with reporter.task("hashing", sum(p.stat().st_size for p in set(local.values()))) as advance:
         by_path = hashing.sha256_files(set(local.values()), progress=advance)
     entries = []
     for rel, path in local.items():
         digest, size = by_path[path]
         _check_against_hub(where, rel, path, digest, size, remote)
-        entries.append(FileEntry(rel, size, digest, summaries.get(rel)))
+        entries.append(FileEntry(rel, size, digest, summaries.get(rel), ggufs.get(rel)))
     manifest = Manifest(files=entries, ignore_paths=list(ignore_paths))
     # The release materialises as plain files, so the signature does not claim symlinks.
     packed = pack.PackedModel(snap_dir, manifest, local, list(ignore_paths), has_symlinks=False)

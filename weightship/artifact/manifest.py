@@ -24,6 +24,9 @@ SCHEMA = "weightship.manifest/v1"
 # The signature's name in a model directory (OMS, as model_signing writes it).
 SIGNATURE_FILE = "model.sig"
 RESERVED_PATHS = frozenset({SIGNATURE_FILE})
+# The OMS resource name of a model that is one file, as the reference signer writes it:
+# the file's path relative to itself.
+SINGLE_FILE_RESOURCE = "."
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -118,16 +121,61 @@ class TensorSummary:
 
 
 @dataclass(frozen=True)
+class GGUFSummary:
+    """What a GGUF header says (docs/format.md), without reading any tensor data."""
+
+    version: int
+    tensors: int
+    parameters: int
+    # Tensors per ggml type name ("Q4_K", "F32"; "type-N" for a type weightship does not know).
+    types: dict[str, int]
+    metadata_kvs: int
+    # general.architecture when the file names one ("llama"), else None.
+    architecture: str | None
+    header_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "version": self.version,
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "types": dict(sorted(self.types.items())),
+            "metadata_kvs": self.metadata_kvs,
+            "header_bytes": self.header_bytes,
+        }
+        if self.architecture is not None:
+            d["architecture"] = self.architecture
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GGUFSummary:
+        arch = d.get("architecture")
+        return cls(
+            version=int(d["version"]),
+            tensors=int(d["tensors"]),
+            parameters=int(d["parameters"]),
+            types={str(k): int(v) for k, v in d["types"].items()},
+            metadata_kvs=int(d["metadata_kvs"]),
+            architecture=None if arch is None else str(arch),
+            header_bytes=int(d["header_bytes"]),
+        )
+
+
+@dataclass(frozen=True)
 class FileEntry:
     path: str
     size: int
     sha256: str
     safetensors: TensorSummary | None = None
+    # Only for *.gguf; absent from manifests written before weightship read GGUF headers.
+    gguf: GGUFSummary | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
         if self.safetensors is not None:
             d["safetensors"] = self.safetensors.to_dict()
+        if self.gguf is not None:
+            d["gguf"] = self.gguf.to_dict()
         return d
 
     @classmethod
@@ -140,7 +188,10 @@ class FileEntry:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise IntegrityError(f"manifest entry {path!r} has an invalid size {size!r}")
         st = d.get("safetensors")
-        return cls(path, size, sha, TensorSummary.from_dict(st) if st else None)
+        gg = d.get("gguf")
+        return cls(
+            path, size, sha, TensorSummary.from_dict(st) if st else None, GGUFSummary.from_dict(gg) if gg else None
+        )
 
 
 @dataclass

@@ -5,19 +5,31 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weightship.artifact import hashing, tensors
+from weightship.artifact import gguf, hashing, pickles, tensors
 from weightship.artifact.digestcache import DigestCache
-from weightship.artifact.manifest import SIGNATURE_FILE, FileEntry, Manifest, check_relpath, path_sort_key
-from weightship.errors import ModelError
+from weightship.artifact.manifest import (
+    SIGNATURE_FILE,
+    SINGLE_FILE_RESOURCE,
+    FileEntry,
+    GGUFSummary,
+    Manifest,
+    TensorSummary,
+    check_relpath,
+    path_sort_key,
+)
+from weightship.errors import ModelError, UsageError
 
 # The reference signer leaves these out of every signature; so do we, so that a
 # signature made by either tool verifies with the other.
 DEFAULT_IGNORES = (".git", ".gitattributes", ".github", ".gitignore", SIGNATURE_FILE)
+# What the reference signer records for a single file: its git defaults only, since the
+# signature of a file lies outside it.
+SINGLE_FILE_IGNORES = DEFAULT_IGNORES[:4]
 
 
 @dataclass
@@ -32,9 +44,22 @@ class PackedModel:
     # CRC32 of every hashing.CRC_CHUNK bytes of the files hashed (not those taken from
     # the digest cache), read in the same pass as their sha256, when pack was asked.
     chunk_crc32: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Packed from one file rather than a directory: ``root`` is that file, the manifest
+    # lists it under its name, and the signature names it "." as model_signing does.
+    single_file: bool = False
+    # One line per thing worth a word that did not stop the pack (pickle files); the CLI
+    # prints them as ``warning:`` lines.
+    warnings: list[str] = field(default_factory=list)
 
     def path_of(self, relpath: str) -> Path:
         return self.local[relpath]
+
+    def resources(self) -> dict[str, str]:
+        """The OMS resources a signature of this model lists: name -> sha256 hex."""
+        if self.single_file:
+            (only,) = self.manifest.files
+            return {SINGLE_FILE_RESOURCE: only.sha256}
+        return self.manifest.digests()
 
 
 def is_ignored(relpath: str, ignore_paths: Iterable[str]) -> bool:
@@ -68,6 +93,8 @@ def normalise_ignores(root: Path, extra: Iterable[str | Path] = ()) -> list[str]
 def walk(root: Path, ignore_paths: list[str]) -> tuple[dict[str, Path], bool]:
     """List the files of a model directory, refusing anything unsafe to publish."""
     if not root.is_dir():
+        if not root.exists():
+            raise ModelError(f"{root}: no such file or directory", "pass the model directory or file")
         raise ModelError(f"{root}: not a directory", "pass the model directory")
     real_root = root.resolve()
     files: dict[str, Path] = {}
@@ -118,16 +145,31 @@ def pack(
     cache: DigestCache | None = None,
     cancel: threading.Event | None = None,
     crc32: bool = False,
+    pickle: str = pickles.DEFAULT_MODE,
 ) -> PackedModel:
-    """Walk, check and hash a model directory. Nothing is written in it.
+    """Walk, check and hash a model directory, or one model file. Nothing is written.
+
+    A single file (``model.gguf``, a lone ``.safetensors``…) packs as a model of that one
+    file, under its name. Headers are checked (safetensors, GGUF, and every
+    ``*.safetensors.index.json`` against its shards), and pickle files get the ``pickle``
+    mode of :mod:`weightship.artifact.pickles` (``warn``, ``refuse``, ``allow``).
 
     With a digest ``cache``, files unchanged since they were last hashed are not read
     again (see weightship.digestcache), and the cache learns the rest. Setting ``cancel``
     stops the hashing; pack sets it too when it fails early. With ``crc32``, the files
     read also get their chunk CRC32s (``PackedModel.chunk_crc32``)."""
     root = Path(root)
-    ignore_paths = normalise_ignores(root, ignore)
-    local, has_symlinks = walk(root, ignore_paths)
+    pickles.check_mode(pickle)
+    single = not root.is_dir() and root.is_file()
+    if single:
+        if list(ignore):
+            raise UsageError(f"--ignore applies to a model directory, and {root} is a file")
+        ignore_paths = list(SINGLE_FILE_IGNORES)
+        local = {check_relpath(root.name): root}
+        has_symlinks = root.is_symlink()
+    else:
+        ignore_paths = normalise_ignores(root, ignore)
+        local, has_symlinks = walk(root, ignore_paths)
     known: dict[str, tuple[str, int]] = {}
     stats: dict[str, os.stat_result] = {}
     if cache is not None:
@@ -146,9 +188,7 @@ def pack(
     with ThreadPoolExecutor(1, thread_name_prefix="weightship-hash") as bg:
         hashed = bg.submit(hashing.digest_files, todo, progress=progress, workers=workers, cancel=stop, crc32=crc32)
         try:
-            summaries = {
-                rel: tensors.summarise(path, rel) for rel, path in local.items() if tensors.is_safetensors(rel)
-            }
+            summaries, ggufs, warnings = check_files(local, pickle)
         except BaseException:
             stop.set()
             raise
@@ -163,11 +203,31 @@ def pack(
             digest, size = d.sha256, d.size
             if d.chunk_crc32 is not None:
                 crcs[rel] = d.chunk_crc32
-        entries.append(FileEntry(rel, size, digest, summaries.get(rel)))
+        entries.append(FileEntry(rel, size, digest, summaries.get(rel), ggufs.get(rel)))
         if cache is not None and rel not in known and size == stats[rel].st_size:
             cache.remember(rel, stats[rel], digest, hashed_at)
     if cache is not None:
         cache.forget_others(set(local))
         cache.save()
     manifest = Manifest(files=entries, ignore_paths=list(ignore_paths))
-    return PackedModel(root, manifest, local, ignore_paths, has_symlinks, crcs)
+    return PackedModel(root, manifest, local, ignore_paths, has_symlinks, crcs, single, warnings)
+
+
+def check_files(
+    local: Mapping[str, Path], pickle: str = pickles.DEFAULT_MODE
+) -> tuple[dict[str, TensorSummary], dict[str, GGUFSummary], list[str]]:
+    """Every check of a model's files (relative path -> local path) that reads headers
+    only: safetensors and GGUF headers, sharded indexes against their shards, and the
+    pickle guard. Returns the safetensors and GGUF summaries by path and the warnings;
+    raises ModelError naming the first file at fault."""
+    summaries: dict[str, TensorSummary] = {}
+    names: dict[str, frozenset[str]] = {}
+    for rel, path in local.items():
+        if tensors.is_safetensors(rel):
+            summaries[rel], names[rel] = tensors.inspect(path, rel)
+    ggufs = {rel: gguf.summarise(path, rel) for rel, path in local.items() if gguf.is_gguf(rel)}
+    for rel, path in sorted(local.items()):
+        if tensors.is_index(rel):
+            tensors.check_index(rel, path, local, names)
+    warnings = pickles.guard(local, pickle)
+    return summaries, ggufs, warnings

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
+from collections.abc import Mapping
 from pathlib import Path
 
 from weightship.artifact.manifest import TensorSummary
@@ -13,6 +15,14 @@ from weightship.errors import ModelError
 
 def is_safetensors(path: str) -> bool:
     return path.endswith(".safetensors")
+
+
+INDEX_SUFFIX = ".safetensors.index.json"
+MAX_INDEX = 64 * 1024 * 1024  # a 1000-shard model's index is a few hundred KiB
+
+
+def is_index(path: str) -> bool:
+    return path.endswith(INDEX_SUFFIX)
 
 
 # Element sizes in bits of every dtype the safetensors format defines (0.8).
@@ -44,7 +54,12 @@ MAX_HEADER = 100_000_000  # the format's own limit on the JSON header
 
 
 def summarise(path: Path, display: str) -> TensorSummary:
-    """Validate a safetensors file's header and summarise it.
+    """Validate a safetensors file's header and summarise it (see :func:`inspect`)."""
+    return inspect(path, display)[0]
+
+
+def inspect(path: Path, display: str) -> tuple[TensorSummary, frozenset[str]]:
+    """Validate a safetensors file's header; return its summary and its tensor names.
 
     The checks are the ones the format's reference loader makes before it hands out a
     tensor (header length, JSON, dtypes, shapes, offsets, the data region exactly
@@ -108,7 +123,8 @@ def summarise(path: Path, display: str) -> TensorSummary:
         end = stop
     if 8 + n + end != size:
         raise _bad(display, f"its tensors cover {end} bytes of data, the file holds {size - 8 - n}")
-    return TensorSummary(tensors=len(spans), parameters=parameters, dtypes=dtypes, header_bytes=n)
+    summary = TensorSummary(tensors=len(spans), parameters=parameters, dtypes=dtypes, header_bytes=n)
+    return summary, frozenset(name for _, _, name in spans)
 
 
 def _count(value: object) -> bool:
@@ -121,3 +137,54 @@ def _bad(display: str, detail: str) -> ModelError:
         f"{display}: malformed or truncated safetensors file ({detail})",
         "re-export or re-download the shard",
     )
+
+
+def check_index(
+    index_rel: str, index_path: Path, files: Mapping[str, Path], names: Mapping[str, frozenset[str]]
+) -> None:
+    """Refuse a sharded checkpoint's index whose ``weight_map`` a loader could not follow.
+
+    ``files`` are the model's files (relative path -> local path) and ``names`` the
+    tensor names of each safetensors shard among them (from :func:`inspect`). Every entry
+    of ``weight_map`` must name a shard of the model (relative to the index's directory)
+    whose header holds that tensor: transformers fails on the first one that does not,
+    on the GPU node, after the whole release was warmed.
+    """
+    try:
+        with index_path.open("rb") as fh:
+            raw = fh.read(MAX_INDEX + 1)
+    except OSError as e:
+        raise ModelError(f"{index_rel}: cannot read ({e.strerror})") from None
+    if len(raw) > MAX_INDEX:
+        raise _bad_index(index_rel, f"larger than {MAX_INDEX // (1024 * 1024)} MiB")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _bad_index(index_rel, f"not valid JSON: {e}") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise _bad_index(index_rel, "no weight_map object mapping tensor names to shard files")
+    base = posixpath.dirname(index_rel)
+    for tensor, shard in weight_map.items():
+        rel = posixpath.normpath(posixpath.join(base, shard)) if shard else ""
+        if rel not in files:
+            raise ModelError(
+                f"tensor {tensor!r} is mapped to shard {shard!r}, which is not in the model ({index_rel})",
+                "add the missing shard, or fix weight_map in the index",
+            )
+        if rel not in names:
+            raise ModelError(
+                f"tensor {tensor!r} is mapped to {shard!r}, which is not a safetensors shard ({index_rel})",
+                "fix weight_map in the index",
+            )
+        if tensor not in names[rel]:
+            raise ModelError(
+                f"tensor {tensor!r} is mapped to shard {shard!r}, whose header lacks it ({index_rel})",
+                "re-export the checkpoint: the index and its shards do not belong together",
+            )
+
+
+def _bad_index(index_rel: str, detail: str) -> ModelError:
+    return ModelError(f"{index_rel}: malformed safetensors index ({detail})", "re-export or re-download it")

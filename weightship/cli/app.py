@@ -18,7 +18,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from weightship.cli import artifact, fleet, node, release
-from weightship.cli.options import Globals
+from weightship.cli.options import JSON_HELP, QUIET_HELP, Globals, anywhere, json_defaults
 from weightship.errors import WeightshipError
 from weightship.version import __version__
 
@@ -28,7 +28,18 @@ from weightship.version import __version__
 # Measured: 0.03-0.05 s of a 0.5 s `pull`. Cycles are still collected, less often.
 gc.set_threshold(50_000, 20, 20)
 
+
+class _Root(typer.core.TyperGroup):
+    """The ``weightship`` group: once Typer has built the tree, ``-q`` and ``--json`` are
+    made to work after the command too (see :func:`weightship.cli.options.anywhere`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        anywhere(self)
+
+
 app = typer.Typer(
+    cls=_Root,
     name="weightship",
     help="Model weights as signed, versioned build artifacts: publish, warm onto GPU nodes, gate on status.",
     no_args_is_help=True,
@@ -52,12 +63,16 @@ def _main(
     config: Annotated[
         Path | None, typer.Option("--config", help="weightship.toml to use (default: ./weightship.toml).")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
+    json_: Annotated[bool, typer.Option("--json", help=f"{JSON_HELP} For the commands that have --json.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    ctx.obj = Globals(config=config, quiet=quiet)
+    ctx.obj = Globals(config=config, quiet=quiet, json=json_)
+    if json_:
+        # Read by each command's own --json as its default (click's default_map).
+        ctx.default_map = json_defaults(ctx.command)
 
 
 # The commands, in the order --help lists them: a model directory, the store, then the fleet.
@@ -68,7 +83,10 @@ app.command()(release.publish)
 app.command("ls")(release.ls)
 app.command()(release.show)
 app.command()(release.tag)
+app.command()(release.rm)
+app.command()(release.untag)
 app.command()(release.pull)
+app.command()(release.prune)
 app.command()(artifact.keygen)
 app.command()(release.demo)
 app.command()(fleet.warm)

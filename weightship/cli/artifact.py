@@ -1,5 +1,5 @@
-"""Commands on a model directory: ``pack``, ``sign``, ``verify``, and ``keygen`` for the
-key that signs it. Nothing here touches a store."""
+"""Commands on a model directory or a single model file: ``pack``, ``sign``, ``verify``,
+and ``keygen`` for the key that signs it. Nothing here touches a store."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from weightship.cli.options import (
     JsonOpt,
     KeyPasswordOpt,
     OfflineOpt,
+    RefusePickleOpt,
     SignCertOpt,
     SignKeyOpt,
     SigstoreOpt,
@@ -27,16 +28,23 @@ from weightship.cli.options import (
     VerifyKeyOpt,
     build_policy,
     emit_json,
+    load_config,
     make_signer,
     reporter,
     say,
 )
 from weightship.errors import UsageError
+from weightship.progress import plural
+
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Model directory, or a single model file.")]
 
 
 def tree_size(directory: Path) -> int:
-    """Bytes under ``directory``: the total of a hashing progress bar (0 when unreadable)."""
+    """Bytes under ``directory`` (or of a single file): the total of a hashing progress bar
+    (0 when unreadable)."""
     try:
+        if Path(directory).is_file():
+            return Path(directory).stat().st_size
         return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
     except OSError:
         return 0
@@ -44,29 +52,33 @@ def tree_size(directory: Path) -> int:
 
 def pack(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Model directory.")],
+    directory: ModelArg,
     ignore: IgnoreOpt = None,
+    refuse_pickle: RefusePickleOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Hash a model directory and print its manifest (nothing is written)."""
+    """Hash a model directory or file, check its headers, and print its manifest (nothing is written)."""
     from weightship.artifact import pack as _pack
     from weightship.cli.render import render_files
     from weightship.progress import human_bytes
 
+    mode = load_config(ctx).pickle_mode(refuse_pickle)
     rep = reporter(ctx, json_)
     with rep.task("hashing", tree_size(directory)) as advance:
-        packed = _pack.pack(directory, ignore=ignore or [], progress=advance)
+        packed = _pack.pack(directory, ignore=ignore or [], progress=advance, pickle=mode)
+    for warning in packed.warnings:
+        rep.warn(warning)  # standard error: a --json document stays clean
     m = packed.manifest
     if json_:
         emit_json(m.to_dict())
         return
     render_files(m)
-    print(f"{len(m.files)} files, {human_bytes(m.total_size)}")
+    print(f"{plural(len(m.files), 'file')}, {human_bytes(m.total_size)}")
 
 
 def sign(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Model directory.")],
+    directory: ModelArg,
     key: SignKeyOpt = None,
     key_password: KeyPasswordOpt = None,
     cert_chain: SignCertOpt = None,
@@ -76,29 +88,32 @@ def sign(
     trust_config: TrustConfigOpt = None,
     ignore: IgnoreOpt = None,
     signature: Annotated[
-        Path | None, typer.Option("--signature", help="Where to write (default DIR/model.sig).")
+        Path | None,
+        typer.Option("--signature", help="Where to write (default DIR/model.sig, or FILE.sig for a single file)."),
     ] = None,
 ) -> None:
-    """Sign a model directory in OpenSSF Model Signing format (writes DIR/model.sig)."""
+    """Sign a model in OpenSSF Model Signing format (writes DIR/model.sig, or FILE.sig for one file)."""
     from weightship import release
     from weightship.artifact import pack as _pack
     from weightship.store.file import atomic_write
+    from weightship.trust.verify import signature_path
 
     signer = make_signer(
         ctx, key, key_password, cert_chain, sigstore, identity_token, staging, trust_config, required=True
     )
     rep = reporter(ctx)
     with rep.task("hashing", tree_size(directory)) as advance:
-        packed = _pack.pack(directory, ignore=ignore or [], progress=advance)
+        # Signing vouches for bytes, whatever their format: no pickle warnings here.
+        packed = _pack.pack(directory, ignore=ignore or [], progress=advance, pickle="allow")
     bundle = release.sign_packed(packed, signer)
-    out = signature or Path(directory) / _pack.SIGNATURE_FILE
+    out = signature or signature_path(directory)
     atomic_write(out, bundle)
-    say(ctx, f"signed {len(packed.manifest.files)} files ({signer.method}): {out}")
+    say(ctx, f"signed {plural(len(packed.manifest.files), 'file')} ({signer.method}): {out}")
 
 
 def verify(
     ctx: typer.Context,
-    directory: Annotated[Path, typer.Argument(help="Model directory.")],
+    directory: ModelArg,
     key: VerifyKeyOpt = None,
     cert_chain: CertChainOpt = None,
     identity: IdentityOpt = None,
@@ -106,12 +121,13 @@ def verify(
     issuer: IssuerOpt = None,
     offline: OfflineOpt = None,
     signature: Annotated[
-        Path | None, typer.Option("--signature", help="Signature file (default DIR/model.sig).")
+        Path | None,
+        typer.Option("--signature", help="Signature file (default DIR/model.sig, or FILE.sig for a single file)."),
     ] = None,
     ignore: IgnoreOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Check a model directory against its signature: every byte, name, added or removed file."""
+    """Check a model directory or file against its signature: every byte, name, added or removed file."""
     from weightship.trust.verify import verify_directory
 
     policy = build_policy(ctx, key, cert_chain, identity, issuer, identity_regex, offline)
@@ -132,7 +148,8 @@ def verify(
             }
         )
     else:
-        say(ctx, f"verified {len(verified.statement.resources)} files, signed by {verified.signer.describe()}")
+        files = plural(len(verified.statement.resources), "file")
+        say(ctx, f"verified {files}, signed by {verified.signer.describe()}")
 
 
 class Curve(str, enum.Enum):

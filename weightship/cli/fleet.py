@@ -9,7 +9,7 @@ fleet library, transports, asyncssh and httpx are imported by the commands.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -207,7 +207,10 @@ def warm(
         raise UsageError(e.message, "pass --credentials node to let nodes read it") from None
     transport_for = _transport_for(cfg, accept_new_host_keys)
     if plan_only:
-        planned = asyncio.run(planning.plan_region(reg, rel, transport_for, ref=ref, peers=peers, parallel=parallel))
+        # Peers are in play only as the warm itself would use them (two agents or more):
+        # a plan of local or ssh nodes must not promise relaying that will not happen.
+        in_play = planning.wants_plan(reg.nodes, peers)
+        planned = asyncio.run(planning.plan_region(reg, rel, transport_for, ref=ref, peers=in_play, parallel=parallel))
         if json_:
             emit_json(planned.to_dict())
         else:
@@ -215,7 +218,9 @@ def warm(
         return
     display = make_display(quiet(ctx), json_)
     if not json_:
-        say(ctx, f"warming {rel.ref} ({rel.digest[:19]}…) on {len(reg.nodes)} nodes of {reg.name}")
+        from weightship.progress import plural
+
+        say(ctx, f"warming {rel.ref} ({rel.digest[:19]}…) on {plural(len(reg.nodes), 'node')} of {reg.name}")
     report = asyncio.run(
         orchestrate.warm_region(
             reg,
@@ -357,9 +362,18 @@ def fleet_ls(
     if json_:
         emit_json(
             {
+                "schema": "weightship.fleet-ls/v1",
                 "source": str(fl.source) if fl.source else None,
-                "regions": {r.name: {"store": r.store, "nodes": [n.to_dict() for n in r.nodes]} for r in regions},
+                "regions": {r.name: _region_doc(r) for r in regions},
             }
         )
         return
     render_fleet(regions)
+
+
+def _region_doc(r: Region) -> dict[str, Any]:
+    doc: dict[str, Any] = {"store": r.store, "nodes": [n.to_dict() for n in r.nodes]}
+    if r.kubernetes is not None:
+        # The nodes above were discovered just now; this is where and how they were looked for.
+        doc["kubernetes"] = r.kubernetes.to_dict()
+    return doc

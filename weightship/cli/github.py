@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from weightship.errors import UsageError
-from weightship.progress import human_bytes
+from weightship.progress import human_bytes, plural
 
 OUTPUT_ENV = "GITHUB_OUTPUT"
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
@@ -120,8 +120,8 @@ def publish(doc: Mapping[str, Any]) -> None:
                 ", ".join(doc["tags"]) or "-",
                 doc["signed"],
                 f"{doc['files']} ({_size(doc['total_bytes'])})",
-                f"{_size(doc['bytes_uploaded'])} in {doc['blobs_uploaded']} blobs",
-                f"{_size(doc['bytes_skipped'])} in {doc['blobs_skipped']} blobs",
+                f"{_size(doc['bytes_uploaded'])} in {plural(doc['blobs_uploaded'], 'blob')}",
+                f"{_size(doc['bytes_skipped'])} in {plural(doc['blobs_skipped'], 'blob')}",
             ]
         ],
     )

@@ -62,16 +62,19 @@ def _node_cache(
 
 
 class _Out:
-    """JSON lines on stdout; if the reader goes away (ssh dropped), the work goes on."""
+    """JSON lines on stdout, each naming its schema; if the reader goes away (ssh
+    dropped), the work goes on."""
 
     def __init__(self) -> None:
         self.broken = False
 
     def line(self, obj: dict[str, Any]) -> None:
+        from weightship.node.protocol import labelled
+
         if self.broken:
             return
         try:
-            sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            sys.stdout.write(json.dumps(labelled(obj), separators=(",", ":")) + "\n")
             sys.stdout.flush()
         except (BrokenPipeError, OSError):
             self.broken = True
@@ -285,7 +288,10 @@ def node_verify(
         _Out().line(doc)
         return
     signed = f", signature verified ({doc['signer'].get('method')})" if doc.get("signer") else ""
-    say(ctx, f"{doc['name']}:{doc['version']}: {doc['files']} files match the manifest{signed}")
+    from weightship.progress import plural
+
+    files = f"{plural(doc['files'], 'file')} {'matches' if doc['files'] == 1 else 'match'}"
+    say(ctx, f"{doc['name']}:{doc['version']}: {files} the manifest{signed}")
 
 
 @node_app.command("pin")
@@ -305,6 +311,97 @@ def node_pin(
         _Out().line(doc)
         return
     say(ctx, f"{doc['name']}:{doc['version']} {'pinned' if doc['pinned'] else 'unpinned'}")
+
+
+@node_app.command(
+    "wait",
+    epilog="""\b
+As a Kubernetes init container (the cache is the node's hostPath):
+  initContainers:
+  - name: weights
+    image: weightship
+    args: [node, wait, "llama:prod", --cache, /nvme/weightship, --timeout, 20m,
+           --agent, "http://$(NODE_IP):7070", --token-file, /etc/weightship/agent.token]
+then point the server at the printed path, or at /nvme/weightship/models/llama/prod.""",
+)
+def node_wait(
+    cache: CacheOpt,
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION, NAME:TAG or NAME@sha256:HEX.")],
+    timeout: Annotated[
+        str, typer.Option("--timeout", help="Give up (exit 1) after this long: seconds, or e.g. 90s, 10m, 2h.")
+    ] = "10m",
+    agent: Annotated[
+        str | None,
+        typer.Option(
+            "--agent",
+            help="This node's agent (http://HOST:PORT, https:// with --tls-ca): asked to warm REF from its"
+            " --store when the cache does not hold it.",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="File holding the agent's bearer token (with --agent).")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option("--tls-ca", help="PEM CA the agent's certificate chains to (https --agent).")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Wait until REF is ready in this cache (whole and verified), then print its directory.
+
+    Exit 0 as soon as it is ready, 1 when its warm failed (saying why) or at --timeout.
+    """
+    from weightship.errors import WeightshipError
+    from weightship.fleet.orchestrate import parse_duration
+    from weightship.node.wait import wait_ready
+
+    seconds = parse_option("--timeout", parse_duration, timeout)
+    assert seconds is not None
+    request = None
+    if agent is None and (token_file is not None or tls_ca is not None):
+        raise UsageError("--token-file and --tls-ca go with --agent URL", "name the agent, or drop them")
+    if agent is not None:
+        if token_file is None:
+            raise UsageError("--agent needs --token-file", "pass the file holding the agent's token")
+        request = _agent_warm_request(agent, token_file, tls_ca, ref)
+    result = wait_ready(cache, ref, seconds, request_warm=request)
+    if json_:
+        print(json.dumps(result.to_dict(), separators=(",", ":")), flush=True)
+        if not result.ok:
+            raise typer.Exit(1)
+        return
+    if not result.ok:
+        raise WeightshipError(result.error or f"{ref} is not ready")
+    print(result.path, flush=True)
+
+
+def _agent_warm_request(agent: str, token_file: Path, tls_ca: Path | None, ref: str):
+    """What ``node wait --agent`` calls to have the agent warm REF: the agent's answer, or
+    TryLater while it cannot be reached (it may be starting beside this container)."""
+    import asyncio
+
+    from weightship.fleet.transports.agent import AgentTransport, agent_node
+    from weightship.fleet.transports.base import NodeUnreachable
+    from weightship.node.wait import TryLater
+
+    if tls_ca is not None and not tls_ca.is_file():
+        raise UsageError(f"--tls-ca {tls_ca}: no such file")
+    node = agent_node(agent, str(token_file), str(tls_ca) if tls_ca else None)
+    # Read now: a token file that cannot be read is a usage error, not a reason to wait.
+    transport = AgentTransport(node)
+
+    async def ask() -> dict[str, Any]:
+        try:
+            return await transport.warm_ref(ref)
+        finally:
+            await transport.close()
+
+    def request() -> dict[str, Any]:
+        try:
+            return asyncio.run(ask())
+        except NodeUnreachable as e:
+            raise TryLater(str(e)) from None
+
+    return request
 
 
 # -- agent -------------------------------------------------------------------------------
@@ -348,8 +445,8 @@ def agent_serve(
         str | None,
         typer.Option(
             "--store",
-            help="The store this agent reads from: warms may name file:// sources only inside a file:// store"
-            " (default: none).",
+            help="The store this agent reads from: where it warms a reference by itself (node wait --agent),"
+            " and the only file:// store warms may name file:// sources in (default: none).",
         ),
     ] = None,
     tls_cert: Annotated[
@@ -361,6 +458,24 @@ def agent_serve(
     tls_ca: Annotated[
         Path | None,
         typer.Option("--tls-ca", help="PEM CA that peers' certificates must chain to (default: the system's roots)."),
+    ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            envvar="WEIGHTSHIP_METRICS_LISTEN",
+            help="Also serve GET /metrics (Prometheus) on this HOST:PORT, over HTTP without a token, and nothing"
+            " else there. /metrics on --listen needs the token.",
+        ),
+    ] = None,
+    kubernetes_node: Annotated[
+        str | None,
+        typer.Option(
+            "--kubernetes-node",
+            envvar="WEIGHTSHIP_KUBERNETES_NODE",
+            help="Label this Kubernetes Node with the releases ready here (models.weightship.dev/NAME.TAG=VERSION),"
+            " through the pod's service account or KUBECONFIG; in a DaemonSet, the downward API's spec.nodeName.",
+        ),
     ] = None,
 ) -> None:
     """Serve this node's cache engine over HTTP or HTTPS (warm, status, events, gc), bearer-token only.
@@ -377,6 +492,9 @@ def agent_serve(
     if len(token) < 16:
         raise UsageError(f"the token in {token_file} is too short", "use at least 16 random characters")
     host, port = agent.parse_listen(listen)
+    metrics_at = agent.parse_listen(metrics_listen, "--metrics-listen") if metrics_listen is not None else None
+    if metrics_at is not None and metrics_at == (host, port):
+        raise UsageError("--metrics-listen must differ from --listen", "give /metrics a port of its own")
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together", "pass both to serve HTTPS, or neither")
     for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
@@ -401,6 +519,8 @@ def agent_serve(
             f"{said}: this agent accepts unsigned releases and any signer;"
             " pass --policy weightship.toml with a [policy] naming the keys or identities to trust"
         )
+    if kubernetes_node is not None:
+        _label_node(node, kubernetes_node)
     agent.serve(
         node,
         token,
@@ -410,4 +530,21 @@ def agent_serve(
         tls_cert=tls_cert,
         tls_key=tls_key,
         warnings=warnings,
+        store=store,
+        metrics_listen=metrics_at,
     )
+
+
+def _label_node(node: NodeCache, name: str) -> None:
+    """Keep the labels of Kubernetes Node ``name`` equal to the releases ready in ``node``,
+    from a background thread (see weightship.kube.labels)."""
+    import re
+
+    from weightship.kube.client import open_client
+    from weightship.kube.labels import NodeLabeler
+
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name):
+        raise UsageError(f"--kubernetes-node {name!r} is not a Kubernetes node name", "pass spec.nodeName")
+    # Missing credentials are a setup mistake: exit 2 now, rather than a warning per retry.
+    open_client(prefer_in_cluster=True).close()
+    NodeLabeler(node, name, lambda line: print(line, file=sys.stderr, flush=True)).start()

@@ -29,10 +29,73 @@ T = TypeVar("T")
 
 @dataclass
 class Globals:
-    """The options given before the command (``weightship --config F -q COMMAND``)."""
+    """The options given before the command (``weightship --config F -q COMMAND``);
+    ``-q`` may also follow the command (:func:`anywhere`)."""
 
     config: Path | None = None
     quiet: bool = False
+    # --json before the command: the command's own --json, given early.
+    json: bool = False
+
+
+QUIET_HELP = "Only errors and results."
+JSON_HELP = "Print a machine-readable JSON document."
+
+
+def anywhere(group: Any) -> None:
+    """Let ``-q``/``--quiet`` and ``--json`` follow the command as well as precede it.
+
+    Every command under ``group`` (the Typer-built tree of ``weightship``) gets its own
+    ``-q``, which sets the global flag, so that it shows in the command's ``--help`` and
+    in the shell completions generated from the tree. ``--json`` before the command
+    reaches the command's own ``--json`` through :func:`json_defaults`; a command that has
+    no JSON document refuses it, rather than print text to a script expecting JSON.
+    """
+    from typer.core import TyperOption
+
+    for cmd in group.commands.values():
+        if getattr(cmd, "commands", None) is not None:  # a group: typer's own click, not click
+            anywhere(cmd)
+            continue
+        if not any(p.name == "quiet" for p in cmd.params):
+            cmd.params.append(
+                TyperOption(
+                    param_decls=["-q", "--quiet", "quiet"],
+                    is_flag=True,
+                    default=False,
+                    expose_value=False,
+                    callback=_set_quiet,
+                    help=f"{QUIET_HELP} Also accepted before the command.",
+                )
+            )
+        if not any(p.name == "json_" for p in cmd.params):
+            cmd.invoke = _refusing_json(cmd.invoke)
+
+
+def json_defaults(group: Any) -> dict[str, Any]:
+    """The click ``default_map`` that turns on ``--json`` in every command under ``group``
+    that has it: what ``weightship --json COMMAND`` means."""
+    out: dict[str, Any] = {}
+    for name, cmd in group.commands.items():
+        if getattr(cmd, "commands", None) is not None:
+            out[name] = json_defaults(cmd)
+        elif any(p.name == "json_" for p in cmd.params):
+            out[name] = {"json_": True}
+    return out
+
+
+def _set_quiet(ctx: typer.Context, param: Any, value: bool) -> None:
+    if value and isinstance(ctx.obj, Globals):
+        ctx.obj.quiet = True
+
+
+def _refusing_json(invoke: Callable[[typer.Context], Any]) -> Callable[[typer.Context], Any]:
+    def run(ctx: typer.Context) -> Any:
+        if isinstance(ctx.obj, Globals) and ctx.obj.json:
+            raise UsageError(f"--json: {ctx.command_path} prints no JSON document", "leave --json out")
+        return invoke(ctx)
+
+    return run
 
 
 def globals_(ctx: typer.Context) -> Globals:
@@ -144,10 +207,13 @@ StoreOpt = Annotated[
     str | None,
     typer.Option(
         "--store",
-        help="Store URL: file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX (env WEIGHTSHIP_STORE).",
+        help=(
+            "Store URL: file://PATH, s3://BUCKET/PREFIX, az://CONTAINER/PREFIX or oci://HOST/NAMESPACE "
+            "(env WEIGHTSHIP_STORE)."
+        ),
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON document.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help=f"{JSON_HELP} Also accepted before the command.")]
 GithubOpt = Annotated[
     bool | None,
     typer.Option(
@@ -159,6 +225,14 @@ GithubOpt = Annotated[
 ]
 IgnoreOpt = Annotated[
     list[str] | None, typer.Option("--ignore", help="Path (relative to DIR) to leave out; repeatable.")
+]
+RefusePickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--refuse-pickle",
+        help="Fail on pickle files (.bin/.pt/.pth/.ckpt/.pkl: loading them runs code); "
+        "default: [publish] pickle in weightship.toml, else warn.",
+    ),
 ]
 VerifyKeyOpt = Annotated[
     list[Path] | None, typer.Option("--key", help="Trusted public key (PEM); repeatable.", show_default=False)

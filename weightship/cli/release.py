@@ -1,5 +1,5 @@
-"""Commands on releases in a store: ``publish``, ``ls``, ``show``, ``tag``, ``pull``; and
-``demo``, the whole pipeline on a store of its own."""
+"""Commands on releases in a store: ``publish``, ``ls``, ``show``, ``tag``, ``rm``,
+``untag``, ``pull``, ``prune``; and ``demo``, the whole pipeline on a store of its own."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from weightship.cli.options import (
     JsonOpt,
     KeyPasswordOpt,
     OfflineOpt,
+    RefusePickleOpt,
     SignCertOpt,
     SignKeyOpt,
     SigstoreOpt,
@@ -31,17 +32,22 @@ from weightship.cli.options import (
     load_config,
     make_signer,
     open_store,
+    parse_option,
     reporter,
     say,
 )
 from weightship.errors import UsageError
+from weightship.progress import plural
 
 
 def publish(
     ctx: typer.Context,
     source: Annotated[
         str,
-        typer.Argument(metavar="SOURCE", help="Model directory, or hf://ORG/MODEL[@REVISION] on the Hugging Face Hub."),
+        typer.Argument(
+            metavar="SOURCE",
+            help="Model directory, a single model file, or hf://ORG/MODEL[@REVISION] on the Hugging Face Hub.",
+        ),
     ],
     ref: Annotated[str, typer.Argument(help="NAME:VERSION to publish as.", metavar="NAME:VERSION")],
     tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="Tag to point at it; repeatable.")] = None,
@@ -64,10 +70,11 @@ def publish(
         bool,
         typer.Option("--rehash", help="Hash every file, even those the digest cache knows unchanged."),
     ] = False,
+    refuse_pickle: RefusePickleOpt = False,
     json_: JsonOpt = False,
     output_github: GithubOpt = None,
 ) -> None:
-    """Pack, sign and push a model directory; unchanged blobs are not uploaded again."""
+    """Pack, sign and push a model directory or file; unchanged blobs are not uploaded again."""
     from weightship import release
     from weightship.artifact import provenance
     from weightship.cli import github
@@ -110,6 +117,9 @@ def publish(
         packed=packed,
         cache=cache,
         chunk_crc32=takes_chunk_crc32(store_url),
+        # Pickle warnings reach standard error through the reporter as the files are
+        # checked (before the upload), and the --json document as "warnings".
+        pickle=load_config(ctx).pickle_mode(refuse_pickle),
     )
     if to_github:
         github.publish(result.to_dict())
@@ -118,11 +128,15 @@ def publish(
         return
     say(
         ctx,
-        f"uploaded {human_bytes(result.bytes_uploaded)} in {result.blobs_uploaded} blobs, "
+        f"uploaded {human_bytes(result.bytes_uploaded)} in {plural(result.blobs_uploaded, 'blob')}, "
         f"skipped {human_bytes(result.bytes_skipped)} already in the store",
     )
     tags_txt = f" (tags: {', '.join(result.tags)})" if result.tags else ""
-    say(ctx, f"published {result.name}:{result.version}{tags_txt} [{result.signed}]")
+    if result.already_published:
+        # A retried publish: the store already had this very release; not an error.
+        say(ctx, f"{result.name}:{result.version} was already published with these files{tags_txt} [{result.signed}]")
+    else:
+        say(ctx, f"published {result.name}:{result.version}{tags_txt} [{result.signed}]")
     print(result.digest)
 
 
@@ -203,25 +217,94 @@ def tag(
     from weightship import release
 
     st = open_store(ctx, store)
-    rel = release.move_tag(st, ref, new_tag)
+    result = release.tag(st, ref, new_tag)
     if json_:
-        emit_json(
-            {
-                "schema": "weightship.tag/v1",
-                "name": rel.name,
-                "tag": new_tag,
-                "version": rel.version,
-                "digest": rel.digest,
-            }
-        )
+        emit_json(result.to_dict())
         return
-    say(ctx, f"{rel.name}:{new_tag} -> {rel.version} ({rel.digest})")
+    if result.previous is None:
+        was = "new tag"
+    elif result.previous == result.version:
+        was = "unchanged"
+    else:
+        was = f"was {result.previous}"
+    say(ctx, f"{result.name}:{result.tag} -> {result.version} ({result.digest}) ({was})")
+
+
+def rm(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="The release to remove: NAME:VERSION or NAME@sha256:HEX.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Remove the tags pointing at it too (otherwise a tagged release is kept).")
+    ] = False,
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Remove a release; its blobs stay until prune collects them."""
+    from weightship import release
+
+    result = release.rm(open_store(ctx, store), ref, force=force)
+    if json_:
+        emit_json(result.to_dict())
+        return
+    tags_txt = f" and its tags {', '.join(result.tags_removed)}" if result.tags_removed else ""
+    # A registry's own garbage collector frees blobs there (docs/format.md, OCI registries).
+    freer = "the registry's garbage collector" if result.store.startswith("oci://") else "weightship prune"
+    say(ctx, f"removed {result.name}:{result.version} ({result.digest}){tags_txt}; {freer} frees its blobs")
+
+
+def untag(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="The tag to remove: NAME:TAG.", metavar="NAME:TAG")],
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Remove a tag (the release it pointed at stays)."""
+    from weightship import release
+
+    result = release.untag(open_store(ctx, store), ref)
+    if json_:
+        emit_json(result.to_dict())
+        return
+    say(ctx, f"removed tag {result.name}:{result.tag} (it pointed at {result.version})")
+
+
+def prune(
+    ctx: typer.Context,
+    grace: Annotated[
+        str,
+        typer.Option("--grace", help="Keep what is younger than this (90s, 30m, 24h): publishes in flight need it."),
+    ] = "24h",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")] = False,
+    store: StoreOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Delete blobs no release references (and signatures of removed releases) once older than --grace."""
+    from datetime import timedelta
+
+    from weightship import release
+    from weightship.fleet.orchestrate import parse_duration
+    from weightship.progress import human_bytes, plural
+
+    period = timedelta(seconds=parse_option("--grace", parse_duration, grace) or 0)
+    result = release.prune(open_store(ctx, store), grace=period, dry_run=dry_run, reporter=reporter(ctx, json_))
+    if json_:
+        emit_json(result.to_dict())
+        return
+    verb = "would delete" if dry_run else "deleted"
+    say(
+        ctx,
+        f"{verb} {plural(len(result.blobs), 'blob')}, {plural(len(result.signatures), 'signature')} and "
+        f"{plural(len(result.leftovers), 'leftover')}: {human_bytes(result.bytes_freed)}; kept "
+        f"{result.blobs_in_use} in use and {result.blobs_in_grace} younger than {grace}",
+    )
 
 
 def pull(
     ctx: typer.Context,
     ref: Annotated[str, typer.Argument(help="NAME:VERSION, NAME:TAG or NAME@sha256:HEX.")],
-    dest: Annotated[Path, typer.Argument(help="New directory to materialise the release into.")],
+    dest: Annotated[
+        Path, typer.Argument(help="Directory to materialise the release into: new or empty, unless --force.")
+    ],
     store: StoreOpt = None,
     key: VerifyKeyOpt = None,
     cert_chain: CertChainOpt = None,
@@ -236,6 +319,17 @@ def pull(
             help="fsync every file before DEST appears (at the disk's speed): a crash just after cannot lose it.",
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace a DEST that is not empty: swapped in once the new content is verified."),
+    ] = False,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Glob of the release's paths to pull (e.g. '*.json'); repeatable."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Glob of the release's paths to leave out; repeatable.")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Download a release into DEST, verifying every sha256 (and the signature under the policy)."""
@@ -244,14 +338,26 @@ def pull(
 
     policy = build_policy(ctx, key, cert_chain, identity, issuer, identity_regex, offline)
     st = open_store(ctx, store)
-    result = release.pull(st, ref, dest, policy=policy, reporter=reporter(ctx, json_), sync=sync)
+    result = release.pull(
+        st,
+        ref,
+        dest,
+        policy=policy,
+        reporter=reporter(ctx, json_),
+        sync=sync,
+        force=force,
+        include=include or [],
+        exclude=exclude or [],
+    )
     if json_:
         emit_json(result.to_dict())
         return
     signed = f", signature verified ({result.signer.get('method')})" if result.signer else ""
+    # The version only when the ref did not name it (a tag or a digest).
+    version = "" if result.ref.endswith(f":{result.version}") else f" ({result.version})"
     say(
         ctx,
-        f"pulled {result.ref} ({result.version}) into {result.dest}: {result.files} files, "
+        f"pulled {result.ref}{version} into {result.dest}: {plural(result.files, 'file')}, "
         f"{human_bytes(result.total_bytes)}, every sha256 verified{signed}",
     )
 

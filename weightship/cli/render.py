@@ -11,14 +11,16 @@ Imported by commands only (rich is imported by the functions that draw), so that
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from weightship.progress import Advance, Reporter, human_bytes
+from weightship.progress import Advance, Reporter, human_bytes, plural
 
 if TYPE_CHECKING:
     from weightship.artifact.manifest import Manifest
@@ -35,23 +37,98 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    # Off a terminal, never wrap: CI logs are read with grep.
-    return Console(file=stream, width=None if stream.isatty() else 240, highlight=False)
+    # On a terminal, its width. Piped (CI logs, files), COLUMNS when set, else 80: tables
+    # are laid out to fit, and a log read in a narrow window stays a table.
+    width = None
+    if not stream.isatty():
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) >= 40 else 80
+    return Console(file=stream, width=width, highlight=False)
 
 
-def _styled(state: str) -> str:
-    style = {"ready": "green", "reachable": "green", "ok": "green", "failed": "red", "unreachable": "red"}.get(state)
-    return f"[{style}]{state}[/]" if style else state
+_STYLES = {
+    "ready": "green",
+    "reachable": "green",
+    "ok": "green",
+    "staged": "yellow",
+    "failed": "red",
+    "unreachable": "red",
+}
+
+
+def _styled(state: str) -> Any:
+    """A node state as a table cell, coloured by what it means."""
+    from rich.text import Text
+
+    return Text(state, style=_STYLES.get(state) or "")
 
 
 def _signer_text(signer: Mapping[str, Any] | None) -> str:
     if not signer:
         return ""
     if signer.get("method") == "key":
-        return f"key {str(signer.get('fingerprint', '?'))[:16]}"
+        # 12 hex digits (48 bits) tell keys apart and leave a status table room for the rest.
+        return f"key {str(signer.get('fingerprint', '?'))[:12]}"
     if signer.get("method") == "certificate":
         return f"cert {signer.get('subject')}"
     return str(signer.get("identity") or signer.get("method"))
+
+
+@dataclass
+class _Col:
+    """A table column. ``keep`` ranks what a narrow screen loses first (lowest first;
+    ``None``: never dropped); ``no_wrap`` keeps a value whole (timestamps)."""
+
+    name: str
+    right: bool = False
+    keep: int | None = None
+    no_wrap: bool = False
+
+
+def _print_lines(console: Any, renderable: Any) -> None:
+    """Print without the padding rich leaves at the end of lines: piped output has no
+    trailing spaces (they make diffs and grep patterns lie)."""
+    with console.capture() as captured:
+        console.print(renderable)
+    text = "\n".join(line.rstrip() for line in captured.get().splitlines())
+    console.file.write(text + "\n")
+    console.file.flush()
+
+
+def _print_table(console: Any, title: str, cols: Sequence[_Col], rows: Sequence[Sequence[Any]]) -> None:
+    """A table that fits the console: columns are dropped, least useful first, until it
+    does; what is left wraps inside its cells (never a timestamp) instead of being cut.
+    Says which columns it dropped, so that nobody mistakes them for empty. Cells are
+    text (a ``[`` in a certificate subject is not markup) or rich ``Text``."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [[Text(c) if isinstance(c, str) else c for c in row] for row in rows]
+
+    shown = list(range(len(cols)))
+    # Measured as if the screen had no edge: rich caps a measurement at the width it is given.
+    unbounded = console.options.update_width(100_000)
+    while True:
+        # Two spaces between columns (a cell's right padding and the rule's gap), none at the edges.
+        table = Table(box=box.SIMPLE, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+        for i in shown:
+            c = cols[i]
+            table.add_column(c.name, justify="right" if c.right else "left", no_wrap=c.no_wrap, overflow="fold")
+        for row in rows:
+            table.add_row(*(row[i] for i in shown))
+        droppable = [i for i in shown if cols[i].keep is not None]
+        if not droppable or console.measure(table, options=unbounded).maximum <= console.width:
+            break
+        shown.remove(min(droppable, key=lambda i: cols[i].keep or 0))
+    # The title on its own line: inside the table, rich would wrap it to the table's width.
+    console.print(title, markup=False, soft_wrap=True)
+    _print_lines(console, table)
+    dropped = [c.name for i, c in enumerate(cols) if i not in shown]
+    if dropped:
+        console.print(
+            f"({', '.join(dropped)}: left out to fit {console.width} columns; see --json)", markup=False, soft_wrap=True
+        )
 
 
 # -- progress ----------------------------------------------------------------------------
@@ -125,19 +202,33 @@ class RichReporter(PlainReporter):
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Advance]:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import BarColumn, Progress, TimeRemainingColumn
 
         with Progress(
             "[progress.description]{task.description}",
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            *_transfer_columns(),
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
         ) as bar:
             tid = bar.add_task(description, total=total)
             yield lambda n: bar.advance(tid, n)
+
+
+def _transfer_columns() -> list[Any]:
+    """Bytes done of total, and the rate, in binary units (KiB, MiB, GiB) as every summary
+    line prints them: rich's own columns count in decimal (kB, MB) by default."""
+    from rich.progress import DownloadColumn, ProgressColumn
+    from rich.text import Text
+
+    class BinarySpeed(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            text = "?" if speed is None else f"{human_bytes(speed)}/s"
+            return Text(text, style="progress.data.speed")
+
+    return [DownloadColumn(binary_units=True), BinarySpeed()]
 
 
 def make_reporter(*, quiet: bool = False, json_mode: bool = False) -> Reporter:
@@ -190,15 +281,14 @@ class RichDisplay:
         self.tasks: dict[str, Any] = {}
 
     def start(self, rows: list[Row]) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+        from rich.progress import BarColumn, Progress, TextColumn
 
         width = max((len(r.node.name) for r in rows), default=8)
         self.progress = Progress(
             TextColumn(f"{{task.fields[node]:<{width}}}"),
             TextColumn("{task.fields[state]}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            *_transfer_columns(),
             TextColumn("{task.fields[note]}", style="dim"),
             console=self.console,
         )
@@ -245,12 +335,20 @@ def make_display(quiet: bool, json_mode: bool) -> PlainDisplay | RichDisplay | N
 
 
 def render_files(manifest: Manifest, indent: str = "") -> None:
-    """A line per file: digest prefix, size, path, and what a safetensors file holds."""
+    """A line per file: digest prefix, size, path, and what a safetensors or GGUF file holds."""
     for f in manifest.files:
         extra = ""
         if f.safetensors:
             st = f.safetensors
-            extra = f"  {st.tensors} tensors, {st.parameters:,} params, {','.join(sorted(st.dtypes))}"
+            extra = f"  {plural(st.tensors, 'tensor')}, {st.parameters:,} params, {','.join(sorted(st.dtypes))}"
+        elif f.gguf:
+            g = f.gguf
+            arch = f" ({g.architecture})" if g.architecture else ""
+            # Most tensors first, with their counts: a quantised model's mix (Q4_K:193,F32:65,Q6_K:33)
+            # is what tells two GGUF files of one model apart.
+            types = ",".join(f"{t}:{n}" for t, n in sorted(g.types.items(), key=lambda tn: (-tn[1], tn[0])))
+            extra = f"  GGUF v{g.version}{arch}, {plural(g.tensors, 'tensor')}, {g.parameters:,} params"
+            extra += f", {types}" if types else ""
         print(f"{indent}{f.sha256[:16]}  {human_bytes(f.size):>10}  {f.path}{extra}")
 
 
@@ -271,10 +369,18 @@ def render_release(rel: Release, signer_text: str) -> None:
     print(f"release   {rel.name}:{rel.version}")
     print(f"digest    {rel.digest}")
     print(f"created   {m.created}")
-    print(f"signed    {m.signature}: {signer_text}")
+    # "signed    unsigned" reads as a contradiction: an unsigned release says no. A key or
+    # certificate signer already names its kind ("key 0a1b…"), a Sigstore one does not.
+    if m.signature == "unsigned":
+        signed = "no"
+    elif signer_text.startswith(m.signature):
+        signed = signer_text
+    else:
+        signed = f"{m.signature}: {signer_text}"
+    print(f"signed    {signed}")
     for k, v in sorted(m.source.items()):
         print(f"source    {k}: {v}")
-    print(f"files     {len(m.files)}, {human_bytes(m.total_size)}")
+    print(f"files     {len(m.files)}, {human_bytes(m.total_size)}".rstrip())
     render_files(m, indent="  ")
 
 
@@ -282,9 +388,20 @@ def render_release(rel: Release, signer_text: str) -> None:
 
 
 def render_fleet(regions: list[Region]) -> None:
-    """``fleet ls``: each region, and a line per node."""
+    """``fleet ls``: each region, and a line per node in aligned columns."""
     for r in regions:
-        print(f"{r.name}" + (f"  (store {r.store})" if r.store else ""))
+        head = f"{r.name}" + (f"  (store {r.store})" if r.store else "")
+        if r.kubernetes is not None:
+            # Where the agents below were found; an inline token is a secret and not shown.
+            k = r.kubernetes
+            found = [f"namespace {k.namespace}", f"selector {k.selector}", f"port {k.port}"]
+            found += [
+                f"{key} {v}" for key, v in (("token_file", k.token_file), ("ca", k.ca), ("context", k.context)) if v
+            ]
+            found += [f"kubeconfig {k.kubeconfig}"] if k.kubeconfig else []
+            head += f"  (kubernetes: {', '.join(found)})"
+        print(head)
+        lines = []
         for n in r.nodes:
             extra = []
             if n.cache:
@@ -293,78 +410,91 @@ def render_fleet(regions: list[Region]) -> None:
                 extra.append(f"capacity {human_bytes(n.capacity)}")
             if n.labels:
                 extra.append(",".join(f"{k}={v}" if v else k for k, v in sorted(n.labels.items())))
-            print(f"  {n.name:<16} {n.transport:<32} {'  '.join(extra)}")
+            lines.append((n.name, n.transport, "  ".join(extra)))
+        name_w = max((len(x[0]) for x in lines), default=0)
+        transport_w = max((len(x[1]) for x in lines), default=0)
+        for name, transport, extra in lines:
+            print(f"  {name:<{name_w}}  {transport:<{transport_w}}  {extra}".rstrip())
 
 
 def render_plan(report: PlanReport) -> None:
-    from rich import box
-    from rich.table import Table
-
     plan = report.plan
-    title = f"plan for {report.name}:{report.version} in {report.region} ({len(plan.nodes)} nodes; nothing is fetched)"
-    table = Table(title=title, box=box.SIMPLE, title_justify="left")
-    for col in ("node", "missing", "from origin", "from peers", "relays"):
-        table.add_column(col, justify="left" if col in ("node", "from peers") else "right")
+    title = (
+        f"plan for {report.name}:{report.version} in {report.region} "
+        f"({plural(len(plan.nodes), 'node')}; nothing is fetched)"
+    )
+    cols = [_Col("node"), _Col("missing", right=True), _Col("from origin", right=True)]
+    if plan.peers:
+        cols += [_Col("from peers", keep=1), _Col("relays", right=True, keep=2)]
+    rows = []
     for n in plan.nodes:
         if n.error:
-            table.add_row(n.node.name, "?", human_bytes(n.from_origin), "", "", style="red")
-            continue
-        peers = ", ".join(f"{p} {human_bytes(b)}" for p, b in sorted(n.from_peers.items()))
-        table.add_row(
-            n.node.name,
-            human_bytes(n.missing or 0),
-            human_bytes(n.from_origin),
-            peers,
-            human_bytes(n.serves) if n.serves else "",
-        )
+            row = [n.node.name, "?", human_bytes(n.from_origin)]
+        else:
+            row = [n.node.name, human_bytes(n.missing or 0), human_bytes(n.from_origin)]
+        if plan.peers:
+            peers = ", ".join(f"{p} {human_bytes(b)}" for p, b in sorted(n.from_peers.items()))
+            row += ["", ""] if n.error else [peers, human_bytes(n.serves) if n.serves else ""]
+        rows.append(row)
     console = _console()
-    console.print(table)
+    _print_table(console, title, cols, rows)
     for n in plan.nodes:
         if n.error:
             console.print(f"{n.node.name}: unreachable: {n.error}", markup=False, soft_wrap=True)
     ratio = plan.origin_bytes / plan.release_bytes if plan.release_bytes else 0.0
-    without = human_bytes(plan.origin_bytes_without_peers)
-    how = "with peers" if plan.peers else "without peers (--no-peers)"
-    console.print(
-        f"the origin will send {human_bytes(plan.origin_bytes)} ({ratio:.2f} x the release) {how}; "
-        f"{without} if every node fetched from it",
-        markup=False,
-        soft_wrap=True,
-    )
+    sends = f"the origin will send {human_bytes(plan.origin_bytes)} ({ratio:.2f} x the release)"
+    if plan.peers:
+        without = human_bytes(plan.origin_bytes_without_peers)
+        how = f"{sends} with peers relaying; {without} if every node fetched from it"
+    else:
+        # No peers in play (--no-peers, or fewer than two agents): nothing to compare with.
+        how = f"{sends}: every node fetches from it"
+    console.print(how, markup=False, soft_wrap=True)
+
+
+def _verified_text(verified: Any, signer: Mapping[str, Any] | None, answered: bool = True) -> str:
+    if not answered:
+        return ""
+    return _signer_text(signer) or "yes" if verified else "no"
 
 
 def render_warm(report: WarmReport) -> None:
-    from rich import box
-    from rich.table import Table
-
     rows = report.nodes
     title = (
         f"{report.name}:{report.version} in {report.region}: "
         f"{report.count}/{len(rows)} {report.counted} (required {report.required})"
     )
-    table = Table(title=title, box=box.SIMPLE, title_justify="left")
-    for col in ("node", "state", "version", "fetched", "reused", "verified", "time"):
-        table.add_column(col, justify="right" if col in ("fetched", "reused", "time") else "left")
+    cols = [
+        _Col("node"),
+        _Col("state"),
+        _Col("version", keep=2),
+        _Col("fetched", right=True, keep=4),
+        _Col("reused", right=True, keep=1),
+        _Col("verified", keep=5),
+        _Col("time", right=True, keep=3),
+    ]
+    cells = []
     for r in rows:
         res = r.result or {}
-        verified = "yes " + _signer_text(res.get("signer")) if res.get("verified") else ("no" if res else "")
-        table.add_row(
-            r.node.name,
-            _styled(r.state),
-            res.get("version") or "",
-            human_bytes(r.bytes_fetched) if r.bytes_fetched is not None else "",
-            human_bytes(res["bytes_reused"]) if res.get("bytes_reused") is not None else "",
-            verified.strip(),
-            f"{r.seconds:.1f}s" if r.seconds is not None else "",
+        cells.append(
+            [
+                r.node.name,
+                _styled(r.state),
+                res.get("version") or "",
+                human_bytes(r.bytes_fetched) if r.bytes_fetched is not None else "",
+                human_bytes(res["bytes_reused"]) if res.get("bytes_reused") is not None else "",
+                _verified_text(res.get("verified"), res.get("signer"), bool(res)),
+                f"{r.seconds:.1f}s" if r.seconds is not None else "",
+            ]
         )
     console = _console()
-    console.print(table)
+    _print_table(console, title, cols, cells)
     for r in rows:
         if r.error:
             console.print(f"{r.node.name}: {r.error}", markup=False, soft_wrap=True)
         for ev in (r.result or {}).get("evicted") or []:
             freed = human_bytes(ev.get("freed_bytes", 0))
-            console.print(f"{r.node.name}: evicted {ev['name']}:{ev['version']} (freed {freed})")
+            console.print(f"{r.node.name}: evicted {ev['name']}:{ev['version']} (freed {freed})", markup=False)
         for bad in (r.result or {}).get("bad_peers") or []:
             console.print(
                 f"{r.node.name}: peer {bad.get('peer')} {bad.get('error')} ({bad.get('file')}); "
@@ -394,45 +524,59 @@ def render_waiting(report: StatusReport, interval: float) -> None:
     )
 
 
-def render_status(report: StatusReport) -> None:
-    from rich import box
-    from rich.table import Table
+def _size_text(present: int | None, total: int | None) -> str:
+    """``1.0 MiB`` when all of it is there, ``512.0 KiB / 1.0 MiB`` while it is not."""
+    if total is None:
+        return ""
+    if (present or 0) == total:
+        return human_bytes(total)
+    return f"{human_bytes(present or 0)} / {human_bytes(total)}"
 
+
+def render_status(report: StatusReport) -> None:
     with_ref = report.ref is not None
     rows = report.nodes
     title = f"{_status_title(report)}: {report.ready}/{len(rows)} {report.counted} (required {report.required})"
-    table = Table(title=title, box=box.SIMPLE, title_justify="left")
     if with_ref:
-        cols = ("node", "state", "version", "tag ->", "bytes", "verified", "free", "last warm")
+        tagged = any(r.get("tag") for r in rows)
+        cols = [
+            _Col("node"),
+            _Col("state"),
+            _Col("version", keep=3),
+            # Where the tag points on the node: only when REF names a tag.
+            *([_Col("tag ->", keep=6)] if tagged else []),
+            _Col("bytes", right=True, keep=4),
+            _Col("verified", keep=5),
+            _Col("free", right=True, keep=1),
+            _Col("last warm", keep=2, no_wrap=True),
+        ]
     else:
-        cols = ("node", "state", "releases", "free")
-    for col in cols:
-        table.add_column(col)
+        cols = [_Col("node"), _Col("state"), _Col("releases"), _Col("free", right=True, keep=1)]
+    cells = []
     for r in rows:
         free = human_bytes(r["free_bytes"]) if r.get("free_bytes") is not None else ""
         if with_ref:
-            total = r.get("bytes_total")
-            present = r.get("bytes_present")
-            size = f"{human_bytes(present or 0)} / {human_bytes(total)}" if total is not None else ""
-            verified = ("yes " + _signer_text(r.get("signer"))).strip() if r.get("verified") else "no"
-            table.add_row(
-                r["node"],
-                _styled(r["state"]),
-                r.get("version") or "",
-                r.get("tag_version") or "" if r.get("tag") else "",
-                size,
-                verified if r["state"] not in ("unreachable",) else "",
-                free,
-                r.get("last_warm") or "",
+            answered = r["state"] != "unreachable"
+            cells.append(
+                [
+                    r["node"],
+                    _styled(r["state"]),
+                    r.get("version") or "",
+                    *([r.get("tag_version") or ("(not set)" if answered and r.get("tag") else "")] if tagged else []),
+                    _size_text(r.get("bytes_present"), r.get("bytes_total")),
+                    _verified_text(r.get("verified"), r.get("signer"), answered),
+                    free,
+                    r.get("last_warm") or "",
+                ]
             )
         else:
             rels = ", ".join(
                 f"{x['name']}:{x['version']} {x['state']}" + (f" ({','.join(x['tags'])})" if x.get("tags") else "")
                 for x in r.get("releases") or []
             )
-            table.add_row(r["node"], _styled(r["state"]), rels, free)
+            cells.append([r["node"], _styled(r["state"]), rels, free])
     console = _console()
-    console.print(table)
+    _print_table(console, title, cols, cells)
     for r in rows:
         if r.get("error"):
             console.print(f"{r['node']}: {r['error']}", markup=False, soft_wrap=True)
@@ -449,7 +593,11 @@ def render_gc(report: GcReport) -> None:
         names = ", ".join(f"{e['name']}:{e['version']}" for e in r.get("evicted") or []) or "nothing"
         freed = human_bytes(r.get("freed_bytes") or 0)
         free = human_bytes(r.get("free_bytes") or 0)
-        console.print(f"{r['node']}: {verb} {names}; {'would free' if dry_run else 'freed'} {freed}, {free} free")
+        console.print(
+            f"{r['node']}: {verb} {names}; {'would free' if dry_run else 'freed'} {freed}, {free} free",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 # -- the node side -----------------------------------------------------------------------
@@ -461,7 +609,7 @@ def render_node_event(ev: Mapping[str, Any]) -> None:
         if ev["state"] != "ready":
             print(f"failed: {ev.get('error')}", file=sys.stderr)
         return
-    line = f"{ev['state']}: {ev.get('bytes_done', 0)}/{ev.get('bytes_total', 0)} bytes"
+    line = f"{ev['state']}: {human_bytes(ev.get('bytes_done') or 0)} of {human_bytes(ev.get('bytes_total') or 0)}"
     if ev.get("message"):
         line += f" - {ev['message']}"
     print(line, file=sys.stderr)

@@ -1,7 +1,10 @@
 """The fleet: regions of cache nodes, read from ``weightship.toml`` or a fleet file.
 
 A fleet is ``[regions.NAME]`` tables (``[fleet.regions.NAME]`` and ``[fleet.NAME]`` are
-accepted too), each with an optional ``store`` and a list of ``[[regions.NAME.nodes]]``.
+accepted too), each with an optional ``store`` and either a list of ``[[regions.NAME.nodes]]``
+or a ``kubernetes = { namespace, selector, port, token_file }`` table: the region's nodes
+are then the Running and Ready agent pods of a Kubernetes cluster, found when a command
+first asks for the region (:meth:`Fleet.region`), so that autoscaled nodes need no edit.
 A fleet file is edited by hand and read by every warm, so a mistake is refused with the
 file, line and field at fault rather than surfacing later as a strange transport error.
 """
@@ -24,7 +27,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 NODE_KEYS = {"name", "transport", "cache", "capacity", "labels", "command", "config", "token", "token_file", "ca"}
-REGION_KEYS = {"store", "nodes", "ca"}
+REGION_KEYS = {"store", "nodes", "ca", "kubernetes"}
+KUBERNETES_KEYS = {"namespace", "selector", "port", "token", "token_file", "ca", "context", "kubeconfig"}
+# What deploy/kubernetes installs: a region's kubernetes table may name only the token.
+KUBERNETES_DEFAULTS = {"namespace": "weightship", "selector": "app.kubernetes.io/name=weightship-agent", "port": 7070}
 DEFAULT_COMMAND = "weightship"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)\s*$", re.IGNORECASE)
@@ -89,23 +95,63 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Kubernetes:
+    """Where a region's agents are found: the pods ``selector`` picks in ``namespace``,
+    each reached at its pod IP and ``port`` with the token of ``token_file``."""
+
+    namespace: str
+    selector: str
+    port: int
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    ca: str | None = None
+    context: str | None = None
+    kubeconfig: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``fleet ls --json`` shows of it: every setting but an inline ``token``, whose
+        value is a secret (``token_file`` is then null)."""
+        return {
+            "namespace": self.namespace,
+            "selector": self.selector,
+            "port": self.port,
+            "token_file": self.token_file,
+            "ca": self.ca,
+            "context": self.context,
+            "kubeconfig": self.kubeconfig,
+        }
+
+
+@dataclass(frozen=True)
 class Region:
     name: str
     nodes: list[Node]
     store: str | None = None
+    # Set when the nodes come from Kubernetes: ``nodes`` is then empty until
+    # :meth:`Fleet.region` has discovered them.
+    kubernetes: Kubernetes | None = None
 
 
 @dataclass
 class Fleet:
     regions: dict[str, Region]
     source: Path | None = None
+    # Regions whose nodes were discovered in Kubernetes, once per command.
+    _discovered: dict[str, Region] = field(default_factory=dict, repr=False)
 
     def region(self, name: str) -> Region:
+        """The region, with its nodes: a Kubernetes region's are discovered now (ConfigError,
+        exit 2, for missing credentials; KubeError, exit 1, when the API fails)."""
         if name not in self.regions:
             known = ", ".join(sorted(self.regions)) or "none"
             where = f" in {self.source}" if self.source else ""
             raise ConfigError(f"no region {name!r}{where} (regions: {known})", "add [regions.NAME] to the fleet file")
-        return self.regions[name]
+        reg = self.regions[name]
+        if reg.kubernetes is None:
+            return reg
+        if name not in self._discovered:
+            self._discovered[name] = discover(reg)
+        return self._discovered[name]
 
     def select(self, region: str | None) -> list[Region]:
         if region:
@@ -114,7 +160,52 @@ class Fleet:
             raise NoFleet(
                 "no fleet configured", "add [regions.NAME] tables to weightship.toml or use a fleet file (see docs)"
             )
-        return [self.regions[r] for r in sorted(self.regions)]
+        return [self.region(r) for r in sorted(self.regions)]
+
+
+def discover(region: Region) -> Region:
+    """``region`` with its nodes: the agent pods its ``kubernetes`` table names, each node
+    named after the Kubernetes node it runs on."""
+    from weightship.kube.client import KubeError
+    from weightship.kube.discovery import find_agents
+
+    kube = region.kubernetes
+    assert kube is not None
+    pods = find_agents(kube.namespace, kube.selector, kubeconfig=kube.kubeconfig, context=kube.context)
+    if not pods:
+        raise KubeError(
+            f"region {region.name}: no Running and Ready pods match {kube.selector} in namespace {kube.namespace}",
+            f"check the agents (kubectl -n {kube.namespace} get pods -l {kube.selector}) and the region's selector",
+        )
+    nodes = []
+    for pod in pods:
+        host = f"[{pod.ip}]" if ":" in pod.ip else pod.ip
+        nodes.append(
+            Node(
+                name=_node_name(pod.node),
+                region=region.name,
+                kind="agent",
+                transport=f"agent://{host}:{kube.port}",
+                host=pod.ip,
+                port=kube.port,
+                labels={"pod": pod.pod, "kubernetes-node": pod.node},
+                token=kube.token,
+                token_file=kube.token_file,
+                ca=kube.ca,
+            )
+        )
+    return Region(region.name, nodes, region.store, kube)
+
+
+def _node_name(kube_node: str) -> str:
+    """A Kubernetes node name (a DNS subdomain, up to 253 characters) as a fleet node name
+    (at most 64): kept when it fits, else shortened with a hash of the whole, so that two
+    nodes never share a name."""
+    import hashlib
+
+    if _NAME_RE.match(kube_node):
+        return kube_node
+    return kube_node[:52].rstrip(".-_") + "-" + hashlib.sha256(kube_node.encode()).hexdigest()[:10]
 
 
 class NoFleet(ConfigError):
@@ -183,11 +274,13 @@ def parse_fleet(data: dict[str, Any], path: Path | None, text: str = "") -> Flee
         table = f"{prefix}.{rname}"
         for key in rdata:
             if key not in REGION_KEYS:
-                raise where.error(table, None, key, f"unknown field (known: {', '.join(sorted(REGION_KEYS))})")
+                raise where.unknown(table, None, key, REGION_KEYS)
         store = rdata.get("store")
         if store is not None:
-            if not isinstance(store, str) or not (store.startswith(("s3://", "az://", "file://"))):
-                raise where.error(table, None, "store", f"{store!r} is not a store URL (s3://…, az://… or file://…)")
+            if not isinstance(store, str) or not (store.startswith(("s3://", "az://", "oci://", "file://"))):
+                raise where.error(
+                    table, None, "store", f"{store!r} is not a store URL (s3://…, az://…, oci://… or file://…)"
+                )
             if store.startswith("file://") and not Path(store[7:]).is_absolute():
                 store = "file://" + str(base / store[7:])
         region_ca = rdata.get("ca")
@@ -195,9 +288,22 @@ def parse_fleet(data: dict[str, Any], path: Path | None, text: str = "") -> Flee
             if not isinstance(region_ca, str) or not region_ca:
                 raise where.error(table, None, "ca", "must be the path of a PEM file of CA certificates")
             region_ca = str(base / region_ca)  # relative to the fleet file, like token_file
+        if "kubernetes" in rdata:
+            if "nodes" in rdata:
+                raise where.error(
+                    table, None, "kubernetes", "a region lists nodes or discovers them in Kubernetes, not both; use one"
+                )
+            kube = _parse_kubernetes(rdata["kubernetes"], f"{table}.kubernetes", base, where, region_ca)
+            regions[rname] = Region(rname, [], store, kube)
+            continue
         nodes_data = rdata.get("nodes")
         if not isinstance(nodes_data, list) or not nodes_data:
-            raise where.error(table, None, "nodes", f"region has no nodes; add [[{table}.nodes]] entries")
+            raise where.error(
+                table,
+                None,
+                "nodes",
+                f"region has no nodes; add [[{table}.nodes]] entries or a kubernetes = {{ … }} table",
+            )
         nodes: list[Node] = []
         for i, nd in enumerate(nodes_data):
             if not isinstance(nd, dict):
@@ -220,7 +326,7 @@ def _parse_node(
 
     for key in nd:
         if key not in NODE_KEYS:
-            raise bad(key, f"unknown field (known: {', '.join(sorted(NODE_KEYS))})")
+            raise where.unknown(table, i, key, NODE_KEYS)
     for key in ("name", "transport", "cache", "command", "config", "token", "token_file", "ca"):
         if key in nd and not isinstance(nd[key], str):
             raise bad(key, "must be a string")
@@ -288,6 +394,53 @@ def _parse_node(
         token_file=token_file,
         ca=ca,
     )
+
+
+def _parse_kubernetes(value: Any, table: str, base: Path, where: _Locator, region_ca: str | None) -> Kubernetes:
+    """``kubernetes = { namespace, selector, port, token_file, ca, context, kubeconfig }``,
+    checked now: nothing is asked of the API until a command needs the region's nodes."""
+    region_table, _, _ = table.rpartition(".")
+
+    def bad(key: str | None, why: str) -> ConfigError:
+        # An inline table's keys have no line of their own: point at `kubernetes = {`.
+        if where.has_table(table):
+            return where.error(table, None, key, why)
+        return where.error(region_table, None, "kubernetes", f"{key}: {why}" if key else why)
+
+    if not isinstance(value, dict):
+        raise bad(None, 'must be a table, e.g. kubernetes = { namespace = "weightship", token_file = "agent.token" }')
+    for key in value:
+        if key not in KUBERNETES_KEYS:
+            if where.has_table(table):
+                raise where.unknown(table, None, key, KUBERNETES_KEYS)
+            raise where.unknown(region_table, None, "kubernetes", KUBERNETES_KEYS, inner=key)
+    for key in ("namespace", "selector", "token", "token_file", "ca", "context", "kubeconfig"):
+        if key in value and (not isinstance(value[key], str) or not value[key].strip()):
+            raise bad(key, "must be a non-empty string")
+    opts = KUBERNETES_DEFAULTS | value
+    namespace, selector, port = opts["namespace"], opts["selector"], opts["port"]
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", namespace):
+        raise bad("namespace", f"{namespace!r} is not a Kubernetes namespace name (lower-case letters, digits, '-')")
+    from weightship.kube.discovery import parse_selector
+
+    try:
+        parse_selector(selector)
+    except ValueError as e:
+        raise bad("selector", str(e)) from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise bad("port", "must be the agents' port, a number from 1 to 65535")
+    token, token_file = value.get("token"), value.get("token_file")
+    if not token and not token_file:
+        raise bad("token_file", "the agents need a bearer token: name the file holding it (token_file)")
+    if token and token_file:
+        raise bad("token", "give token_file or token, not both")
+    if token_file:
+        token_file = str(base / token_file)
+    ca = str(base / value["ca"]) if "ca" in value else region_ca
+    kubeconfig = value.get("kubeconfig")
+    if kubeconfig:
+        kubeconfig = str(base / Path(kubeconfig).expanduser())
+    return Kubernetes(namespace, selector, port, token, token_file, ca, value.get("context"), kubeconfig)
 
 
 def _parse_transport(text: str, bad) -> tuple[str, str | None, int | None, str | None]:
@@ -359,13 +512,31 @@ class _Locator:
         hits = [n for n, line in enumerate(self.lines) if key_re.match(line)]
         return hits[0] + 1 if len(hits) == 1 else None
 
-    def error(self, table: str, index: int | None, key: str | None, why: str) -> ConfigError:
+    def error(self, table: str, index: int | None, key: str | None, why: str, hint: str | None = None) -> ConfigError:
         field_ = table + (f"[{index}]" if index is not None else "") + (f".{key}" if key else "")
         line = self.line_of(table, index, key)
         where = str(self.path) if self.path else "fleet"
         if line is not None:
             where += f":{line}"
-        return ConfigError(f"{where}: {field_}: {why}")
+        return ConfigError(f"{where}: {field_}: {why}", hint)
+
+    def unknown(
+        self, table: str, index: int | None, key: str, known: set[str], *, inner: str | None = None
+    ) -> ConfigError:
+        """An unknown field (``inner``: one inside the inline table ``key``), with the
+        closest known one as a hint."""
+        import difflib  # only on the way to an error
+
+        name = inner or key
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else None
+        why = f"unknown field (known: {', '.join(sorted(known))})"
+        return self.error(table, index, key, f"{inner}: {why}" if inner else why, hint)
+
+    def has_table(self, table: str) -> bool:
+        """Whether ``[table]`` is written as a table header (not as an inline table)."""
+        header = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(key_pattern(p) for p in table.split(".")) + r"\s*\]")
+        return any(header.match(line) for line in self.lines)
 
 
 def key_pattern(part: str) -> str:

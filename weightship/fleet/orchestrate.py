@@ -414,13 +414,19 @@ async def status_nodes(
                 return {**base, **_empty(q), "state": "failed", "error": str(e)}
             finally:
                 await transport.close()
-        doc.pop("event", None)
-        doc.pop("op", None)
+        _unwrap(doc)
         if q.ref is None:
             doc["state"] = "reachable"
         return {**base, **doc}
 
     return list(await asyncio.gather(*(one(n) for n in nodes)))
+
+
+def _unwrap(doc: dict[str, Any]) -> None:
+    """A node's answer as a row of a fleet document: without what framed it on the way
+    (``event``, ``op``, and the node document's own ``schema``, which an ssh node prints)."""
+    for key in ("event", "op", "schema"):
+        doc.pop(key, None)
 
 
 def _empty(q: Query) -> dict[str, Any]:
@@ -542,8 +548,7 @@ async def gc_nodes(
                 return {**base, "state": "failed", "error": str(e)}
             finally:
                 await transport.close()
-        doc.pop("event", None)
-        doc.pop("op", None)
+        _unwrap(doc)
         return {**base, "state": "ok", "error": None, **doc}
 
     return list(await asyncio.gather(*(one(n) for n in nodes)))
@@ -552,7 +557,7 @@ async def gc_nodes(
 @dataclass
 class GcReport:
     """What gc evicted (or would, ``dry_run``) on each node of a region; ``to_dict`` is
-    the ``gc --json`` document (docs/json.md)."""
+    the ``weightship.gc/v1`` document (docs/json.md, weightship/schemas/gc.v1.json)."""
 
     region: str
     dry_run: bool
@@ -563,7 +568,13 @@ class GcReport:
         return all(row["state"] == "ok" for row in self.nodes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"region": self.region, "dry_run": self.dry_run, "nodes": self.nodes}
+        return {
+            "schema": "weightship.gc/v1",
+            "region": self.region,
+            "dry_run": self.dry_run,
+            "nodes": self.nodes,
+            "ok": self.ok,
+        }
 
 
 async def gc_region(

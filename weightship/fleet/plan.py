@@ -71,6 +71,8 @@ def build_request(
     hot: bool = False,
 ) -> WarmRequest:
     """The one request every node of a region gets (capacity is filled in per node)."""
+    # A registry keeps blobs per repository: the scoped store's URL names it for the nodes.
+    store = store.scoped(release.name)
     if credentials == "node":
         source: dict[str, Any] = {"store": store.url}
     elif credentials == "presigned":

@@ -11,6 +11,7 @@ on these parts of :mod:`weightship.node`, none of which imports it:
     space      making room, eviction, gc
     integrity  re-hashing (verify, a peer's report of a bad blob), quarantine, withdrawal
     fetch      where blob bytes come from (the origin, the peers of a region)
+    metrics    what a warm tells as bytes move (a no-op :class:`Meter`, or the agent's)
 
 What is here: status (what a node holds, and in which state), ``have`` (for a warm's
 planner), pins, and blobs opened for peers. The methods answer with the protocol's JSON
@@ -32,6 +33,7 @@ from weightship.errors import IntegrityError, SignatureError, SpaceError, UsageE
 from weightship.node import integrity, space
 from weightship.node.arrivals import Arrivals, PeerBlob, open_peer_blob
 from weightship.node.layout import CacheLayout, Record, size_of
+from weightship.node.metrics import NO_METER, Meter
 from weightship.node.protocol import (
     ACTIVE,
     PROTOCOL,
@@ -64,16 +66,17 @@ class NodeCache(CacheLayout):
 
     # -- entry points (JSON documents of the protocol) ------------------------------
 
-    def warm(self, req: WarmRequest, emit: Emit | None = None) -> dict[str, Any]:
+    def warm(self, req: WarmRequest, emit: Emit | None = None, *, meter: Meter = NO_METER) -> dict[str, Any]:
         """Make the release in ``req`` ready here; return the result event (never raises
         for a failure it understands: the result says ``failed`` and why). ``emit`` gets
-        every event, the result last."""
+        every event, the result last. ``meter`` is told the bytes fetched per source,
+        copies that did not verify and the warm's duration (the agent passes its metrics)."""
 
         def on_event(ev: ProgressEvent | WarmResult) -> None:
             if emit is not None:
                 emit(ev.to_dict())
 
-        return warm_release(self, req, on_event).to_dict()
+        return warm_release(self, req, on_event, meter=meter).to_dict()
 
     def status(
         self, ref: str | None = None, version: str | None = None, digest: str | None = None, *, verify: bool = False
@@ -202,9 +205,12 @@ def _release_status(
         out.state = "failed"
         out.error = f"this node holds {name}:{version} with another digest ({rec.get('digest')})"
     elif state == "ready" and tag and tag_version != version:
-        where = f"points at {tag_version}" if tag_version else "is not set"
-        out.state = "pending"
-        out.error = f"{name}:{tag} {where} on this node, not {version}; run warm {name}:{tag}"
+        # Every byte is here and verified, but what serves from models/NAME/TAG still
+        # reads another version (or nothing): not ready for traffic, and not pending
+        # either, since nothing is being fetched. Only the tag switch is missing.
+        where = f"still points at {tag_version}" if tag_version else "is not set"
+        out.state = "staged"
+        out.error = f"{name}:{tag} {where} on this node; run warm {name}:{tag} to switch it"
     return out
 
 

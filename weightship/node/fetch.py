@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from weightship.errors import IntegrityError, NotFoundError, StoreError, UsageError
+from weightship.node.metrics import NO_METER, Meter
 from weightship.node.peers import HttpPeers, Peer, PeerError, PeerTransfer
 from weightship.node.tls import peer_ssl_context, shared_ssl_context
 from weightship.store.writer import BlobWriter, TooLarge, read_capped
@@ -326,10 +327,15 @@ class UrlSource(Source):
         view = getattr(self._local, "view", None)
         if view is None or len(view) < need:
             view = self._local.view = memoryview(bytearray(need))
-        where = url
+        where, bearer = _bearer(url)
+        origin = urlsplit(where).netloc
         try:
             for hops in range(MAX_HOPS + 1):
-                with self.http.request("GET", where, _range(w.have), URL_TIMEOUT) as resp:
+                headers = _range(w.have)
+                if bearer and urlsplit(where).netloc == origin:
+                    # Never after a redirect elsewhere (a registry's storage gets no token).
+                    headers = {**headers, "Authorization": f"Bearer {bearer}"}
+                with self.http.request("GET", where, headers, URL_TIMEOUT) as resp:
                     location = resp.getheader("Location")
                     if resp.status in REDIRECTS and location and hops < MAX_HOPS:
                         where = urljoin(where, location)
@@ -346,6 +352,16 @@ class UrlSource(Source):
 
     def close(self) -> None:
         self.http.close()
+
+
+def _bearer(url: str) -> tuple[str, str | None]:
+    """Split off a ``#bearer=TOKEN`` fragment: a registry blob URL carries the pull-only
+    token a registry takes in a header only (docs/format.md, OCI registries), where no
+    client sends a fragment. Returns (the URL without it, the token or None)."""
+    base, _, fragment = url.partition("#")
+    if fragment.startswith("bearer="):
+        return base, fragment[len("bearer=") :]
+    return url, None
 
 
 def _range(have: int) -> dict[str, str]:
@@ -375,7 +391,9 @@ class Sources:
     matter: nothing is kept unless it hashes to the name the signed manifest gives.
 
     ``transfer`` moves bytes from a peer (default: HttpPeers, the agents' blob endpoint
-    over HTTP with the --tls-ca roots); a test passes a scripted one."""
+    over HTTP with the --tls-ca roots); a test passes a scripted one. ``meter`` is told
+    every byte appended, by source, and every copy that did not verify (the agent's
+    metrics), at the same places that count the warm's own report."""
 
     def __init__(
         self,
@@ -385,8 +403,10 @@ class Sources:
         on_problem: Callable[[dict[str, Any]], None] | None = None,
         file_sources: Path | bool = True,
         transfer: PeerTransfer | None = None,
+        meter: Meter = NO_METER,
     ) -> None:
         self.origin = open_source(spec, chunk, file_sources)
+        self.meter = meter
         self.nodes: dict[str, Peer] = {
             name: Peer(name, node["url"], node["token"]) for name, node in ((peers or {}).get("nodes") or {}).items()
         }
@@ -446,6 +466,8 @@ class Sources:
                 if w.complete:
                     w.flush()
                     return got
+                # The peer sent the blob to its end and the whole does not hash to its name.
+                self.meter.verify_failed("peer")
                 w.restart()
                 if inherited and senders == [name]:
                     # What an earlier warm left may be what is wrong: the same peer once more, whole.
@@ -458,7 +480,7 @@ class Sources:
             # What peers appended stays for the origin to go on from.
             w.flush()
         try:
-            return got + self._from_origin(hexdigest, dest, size, progress)
+            return got + self._from_origin(hexdigest, dest, size, progress, mixed=bool(senders))
         except IntegrityError:
             if not senders and not inherited:
                 raise
@@ -481,13 +503,21 @@ class Sources:
                 others = ", ".join(x for x in senders if x != s)
                 self._problem(s, hexdigest, f"sent part of a copy that did not verify (with {others})", then=then)
 
-    def _from_origin(self, hexdigest: str, dest: Path, size: int, progress: Progress) -> int:
+    def _from_origin(self, hexdigest: str, dest: Path, size: int, progress: Progress, *, mixed: bool = False) -> int:
+        """``mixed``: peers sent the first part of the copy the origin completes, so a copy
+        that does not verify is counted against them."""
+
         def counted(n: int) -> None:
             progress(n)
             with self._lock:
                 self.origin_bytes += n
+            self.meter.fetched("store", n)
 
-        return self.origin.fetch(hexdigest, dest, size, counted)
+        try:
+            return self.origin.fetch(hexdigest, dest, size, counted)
+        except IntegrityError:
+            self.meter.verify_failed("peer" if mixed else "store")
+            raise
 
     def _problem(
         self, peer: str, hexdigest: str, error: str, *, leave: bool = True, corrupt: bool = False, then: str = ""
@@ -505,6 +535,7 @@ class Sources:
             if n:
                 with self._lock:
                     self.from_peers[name] = self.from_peers.get(name, 0) + n
+                self.meter.fetched("peer", n)
             progress(n)
 
         return self.transfer.fetch(self.nodes[name], hexdigest, w, counted)

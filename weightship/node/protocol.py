@@ -43,10 +43,37 @@ from weightship.version import __version__
 
 PROTOCOL = 1
 # The states of a release on a node (status) and of a warm (events).
-STATES = ("absent", "pending", "fetching", "verifying", "ready", "failed", "evicted")
+# ``staged`` is status only: the release is ready but the tag asked about points elsewhere.
+STATES = ("absent", "pending", "fetching", "verifying", "ready", "staged", "failed", "evicted")
 # States a warm passes through; a record left in one by a killed process is stale.
 ACTIVE = ("pending", "fetching", "verifying")
 HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+# The JSON Schema (weightship/schemas, docs/json.md) a document names when it is printed
+# for a person or a script (``node … --json``), by ``op`` (a warm's lines by ``event``).
+# The protocol's own readers go by ``event`` and ``op`` and ignore the field, so a caller
+# of any version reads a labelled document as it reads an unlabelled one.
+SCHEMAS = {
+    "status": "weightship.node-status/v1",
+    "gc": "weightship.node-gc/v1",
+    "verify": "weightship.node-verify/v1",
+    "have": "weightship.node-have/v1",
+    "pin": "weightship.node-pin/v1",
+    "warm": "weightship.node-warm/v1",
+    "error": "weightship.node-error/v1",
+}
+
+
+def labelled(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with its ``schema`` first: by ``op``, else a warm's event or an error line.
+    A document that already names its schema, or that is none of these, is left as it is."""
+    if "schema" in doc:
+        return dict(doc)
+    event = doc.get("event")
+    op = doc.get("op") or {"error": "error", "progress": "warm", "result": "warm"}.get(str(event))
+    schema = SCHEMAS.get(str(op)) if event in ("progress", "result", "error") else None
+    return {"schema": schema, **doc} if schema else dict(doc)
 
 
 def is_hex(h: object) -> bool:
@@ -654,6 +681,7 @@ def check_peer_token(token: str, presented: str, now: float | None = None) -> bo
 __all__ = [
     "ACTIVE",
     "PROTOCOL",
+    "SCHEMAS",
     "STATES",
     "BadPeer",
     "CheckResult",
@@ -671,6 +699,7 @@ __all__ = [
     "check_peers",
     "check_protocol",
     "is_hex",
+    "labelled",
     "parse_event",
     "peer_token",
 ]

@@ -5,6 +5,10 @@ Every endpoint, including unknown paths, answers 401 without the bearer token. T
 
     GET  /v1/health                      {"ok": true, "weightship": VERSION, "protocol": N}
     POST /v1/warm          request JSON  202 {"job": ID}; 400 if the request is refused
+    POST /v1/warm-ref      {"ref": REF}  202 {"job": ID, "name", "version", "digest"}: warm REF
+                                         from the agent's own --store (400 without one, 404
+                                         when the store has no such release)
+    GET  /metrics                        Prometheus text format (weightship.node.metrics)
     GET  /v1/jobs/ID                     {"job", "done", "events", "result"}
     GET  /v1/jobs/ID/events?from=N       NDJSON: events N… of the job, live until its result
     GET  /v1/status?ref=&version=&digest=   the engine's status document
@@ -15,6 +19,10 @@ Every endpoint, including unknown paths, answers 401 without the bearer token. T
     POST /v1/blobs/sha256/HEX/check      202: a peer got a copy of HEX from here that did not
                                          verify; the agent re-hashes its own in the background
                                          (NodeCache.check_blob) and quarantines it if corrupt
+
+With ``--metrics-listen HOST:PORT`` the agent also serves ``GET /metrics`` there, over
+plain HTTP and without a token, and nothing else (404), for a Prometheus scraper that
+holds no agent token.
 
 With ``--tls-cert``/``--tls-key`` the agent serves HTTPS only (and every peer of a region
 reaches it at an https:// URL); ``--tls-ca`` is the CA its peers' certificates chain to.
@@ -53,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from weightship.errors import UsageError, WeightshipError
-from weightship.node.protocol import PROTOCOL, WarmRequest, check_peer_token
+from weightship.node.protocol import PROTOCOL, WarmRequest, check_peer_token, labelled
 from weightship.version import __version__
 
 if TYPE_CHECKING:
@@ -61,6 +69,7 @@ if TYPE_CHECKING:
     # does not load it.
     from weightship.node.arrivals import PeerBlob
     from weightship.node.cache import NodeCache
+    from weightship.node.metrics import AgentMetrics
 
 MAX_JOBS = 200
 # Bytes per body message of a peer stream.
@@ -104,10 +113,12 @@ class Job:
 
 
 class Jobs:
-    """Warm jobs of this agent; the engine's lock serialises them on the cache."""
+    """Warm jobs of this agent; the engine's lock serialises them on the cache.
+    ``metrics`` is told what each warm moves (bytes per source, failed copies, duration)."""
 
-    def __init__(self, cache: NodeCache) -> None:
+    def __init__(self, cache: NodeCache, metrics: AgentMetrics | None = None) -> None:
         self.cache = cache
+        self.metrics = metrics
         self.jobs: OrderedDict[str, Job] = OrderedDict()
 
     def start(self, req: WarmRequest) -> Job:
@@ -125,8 +136,11 @@ class Jobs:
                 loop.call_soon_threadsafe(job.push, ev)
 
         def run() -> None:
+            from weightship.node.metrics import NO_METER
+
             try:
-                self.cache.warm(req, emit)
+                # This agent's metrics are told what the warm moves.
+                self.cache.warm(req, emit, meter=self.metrics or NO_METER)
             except Exception as e:  # a bug: still end the job, or its stream waits forever
                 emit({"event": "result", "state": "failed", "error": f"internal error: {e!r}", "retryable": False})
 
@@ -136,14 +150,20 @@ class Jobs:
         return job
 
 
-def create_app(cache: NodeCache, token: str):
-    """The ASGI app. ``token`` is compared in constant time on every request."""
+def create_app(cache: NodeCache, token: str, *, store: str | None = None, metrics: AgentMetrics | None = None):
+    """The ASGI app. ``token`` is compared in constant time on every request. ``store``:
+    the agent's --store, which ``/v1/warm-ref`` warms from; ``metrics``: the counters that
+    ``/metrics`` serves (a registry of this app's own when None)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    jobs = Jobs(cache)
+    from weightship.node.metrics import CONTENT_TYPE, AgentMetrics
+
+    if metrics is None:
+        metrics = AgentMetrics(cache)
+    jobs = Jobs(cache, metrics)
     expected = f"Bearer {token}".encode()
 
     class Auth:
@@ -210,6 +230,36 @@ def create_app(cache: NodeCache, token: str):
         job = jobs.start(req)
         return JSONResponse({"job": job.id}, status_code=202)
 
+    async def warm_ref(request: Request) -> JSONResponse:
+        """Warm a reference from the agent's own store: what ``node wait --agent`` asks for
+        on a node that joined after its region was warmed."""
+        from weightship.errors import NotFoundError
+        from weightship.node.warm import store_request
+        from weightship.release import digest_of
+
+        try:
+            doc = await body_json(request)
+            ref = doc.get("ref")
+            if not isinstance(ref, str):
+                raise ValueError('pass {"ref": "NAME:TAG"}')
+            if store is None:
+                raise UsageError("this agent knows no store to warm from", "start it with agent serve --store URL")
+            req = await asyncio.to_thread(store_request, store, ref, pin=bool(doc.get("pin", False)))
+        except NotFoundError as e:
+            return error(e, 404)
+        except (ValueError, TypeError, WeightshipError) as e:
+            return error(e)
+        job = jobs.start(req)
+        m = json.loads(req.manifest)
+        return JSONResponse(
+            {"job": job.id, "name": m["name"], "version": m["version"], "digest": digest_of(req.manifest)},
+            status_code=202,
+        )
+
+    async def metrics_page(request: Request) -> Response:
+        body = await asyncio.to_thread(metrics.render)
+        return Response(body, media_type=CONTENT_TYPE)
+
     def find(request: Request) -> Job | None:
         return jobs.jobs.get(request.path_params["job"])
 
@@ -233,7 +283,7 @@ def create_app(cache: NodeCache, token: str):
             i = start
             while True:
                 while i < len(job.events):
-                    yield json.dumps(job.events[i], separators=(",", ":")) + "\n"
+                    yield json.dumps(labelled(job.events[i]), separators=(",", ":")) + "\n"
                     i += 1
                 if job.done:
                     return
@@ -252,7 +302,7 @@ def create_app(cache: NodeCache, token: str):
             doc = await asyncio.to_thread(cache.status, q.get("ref"), q.get("version"), q.get("digest"), verify=verify)
         except WeightshipError as e:
             return error(e)
-        return JSONResponse(doc)
+        return JSONResponse(labelled(doc))
 
     async def body_json(request: Request) -> dict[str, Any]:
         raw = await request.body()
@@ -270,17 +320,22 @@ def create_app(cache: NodeCache, token: str):
             result = await asyncio.to_thread(cache.gc, keep, bool(doc.get("dry_run", False)))
         except (ValueError, TypeError, WeightshipError) as e:
             return error(e)
-        return JSONResponse(result)
+        return JSONResponse(labelled(result))
 
     async def verify(request: Request) -> JSONResponse:
+        from weightship.errors import IntegrityError
+
         try:
             doc = await body_json(request)
             result = await asyncio.to_thread(cache.verify, str(doc["ref"]))
         except KeyError:
             return error(ValueError('pass {"ref": "NAME:VERSION"}'))
+        except IntegrityError as e:
+            metrics.verify_failed("cache")
+            return error(e)
         except (ValueError, TypeError, WeightshipError) as e:
             return error(e)
-        return JSONResponse(result)
+        return JSONResponse(labelled(result))
 
     checked: dict[str, float] = {}
     checking: set[str] = set()
@@ -295,7 +350,9 @@ def create_app(cache: NodeCache, token: str):
         def run() -> None:
             try:
                 result = cache.check_blob(h)
-                if not result.get("corrupt"):
+                if result.get("corrupt"):
+                    metrics.verify_failed("cache")
+                else:
                     checked[h] = time.monotonic()
             except (OSError, WeightshipError):
                 pass
@@ -314,7 +371,7 @@ def create_app(cache: NodeCache, token: str):
             result = await asyncio.to_thread(cache.have, hexes)
         except (ValueError, TypeError, WeightshipError) as e:
             return error(e)
-        return JSONResponse(result)
+        return JSONResponse(labelled(result))
 
     async def blob(scope, receive, send) -> None:
         """``GET /v1/blobs/sha256/HEX``, in plain ASGI (see Auth)."""
@@ -391,6 +448,7 @@ def create_app(cache: NodeCache, token: str):
             # The common case of a small file: one message, nothing to wait for.
             data = blob.read(start, end - start) if scope["method"] != "HEAD" else b""
             await send({"type": "http.response.body", "body": data})
+            metrics.served(len(data))
             return
         # A longer body, or one still arriving: stop when the receiver hangs up (the
         # server drops what is sent after that, which would read the rest for nothing).
@@ -414,6 +472,7 @@ def create_app(cache: NodeCache, token: str):
                         break
                     pos += len(data)
                     await send({"type": "http.response.body", "body": data, "more_body": True})
+                    metrics.served(len(data))
                     continue
                 ticks = blob.ticks()
                 state = blob.state()
@@ -438,6 +497,8 @@ def create_app(cache: NodeCache, token: str):
     routes = [
         Route("/v1/health", health),
         Route("/v1/warm", warm, methods=["POST"]),
+        Route("/v1/warm-ref", warm_ref, methods=["POST"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
         Route("/v1/jobs/{job}", job_info),
         Route("/v1/jobs/{job}/events", job_events),
         Route("/v1/status", status),
@@ -452,7 +513,29 @@ def create_app(cache: NodeCache, token: str):
     return Auth(app)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def metrics_app(metrics: AgentMetrics):
+    """The ASGI app of ``--metrics-listen``: ``GET /metrics`` without a token, and 404 for
+    everything else, so that a scraper reaching that port reaches nothing of the API."""
+    from weightship.node.metrics import CONTENT_TYPE
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            await _send_json(send, 404, {"error": "this port serves /metrics only"})
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await _send_json(send, 405, {"error": "GET /metrics"}, [(b"allow", b"GET, HEAD")])
+            return
+        body = await asyncio.to_thread(metrics.render)
+        headers = [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
+
+    return app
+
+
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = "127.0.0.1", text
@@ -460,9 +543,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     try:
         n = int(port)
     except ValueError:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT") from None
+        raise UsageError(f"{flag} {text!r}: expected HOST:PORT") from None
     if not 0 < n < 65536:
-        raise UsageError(f"--listen {text!r}: port out of range")
+        raise UsageError(f"{flag} {text!r}: port out of range")
     return host, n
 
 
@@ -478,7 +561,7 @@ def _preload() -> None:
     shared_ssl_context()
 
 
-def bind(host: str, port: int) -> list[socket.socket]:
+def bind(host: str, port: int, flag: str = "--listen") -> list[socket.socket]:
     """Listening sockets for ``host``:``port`` (every address the name resolves to, as
     asyncio would bind), made before the agent says it serves: a taken port is then one
     error line and exit 2, not a "serving" line followed by uvicorn's own error and exit 3."""
@@ -486,7 +569,7 @@ def bind(host: str, port: int) -> list[socket.socket]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise UsageError(f"--listen {where}: cannot resolve {host!r} ({e.strerror})") from None
+        raise UsageError(f"{flag} {where}: cannot resolve {host!r} ({e.strerror})") from None
     socks: list[socket.socket] = []
     try:
         for family, type_, proto, _, addr in {(i[0], i[1], i[2], "", i[4]): None for i in infos}:
@@ -504,17 +587,17 @@ def bind(host: str, port: int) -> list[socket.socket]:
             sock.close()
         if e.errno == errno.EADDRINUSE:
             raise UsageError(
-                f"--listen {where}: port {port} is in use by another process", "stop it or choose another port"
+                f"{flag} {where}: port {port} is in use by another process", "stop it or choose another port"
             ) from None
         if e.errno == errno.EADDRNOTAVAIL:
             raise UsageError(
-                f"--listen {where}: {host} is not an address of this machine", "name one of its addresses"
+                f"{flag} {where}: {host} is not an address of this machine", "name one of its addresses"
             ) from None
         if e.errno == errno.EACCES:
             raise UsageError(
-                f"--listen {where}: not allowed to bind port {port}", "ports below 1024 need privileges"
+                f"{flag} {where}: not allowed to bind port {port}", "ports below 1024 need privileges"
             ) from None
-        raise UsageError(f"--listen {where}: cannot listen ({e.strerror or e})") from None
+        raise UsageError(f"{flag} {where}: cannot listen ({e.strerror or e})") from None
     return socks
 
 
@@ -550,18 +633,25 @@ def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     warnings: Iterable[str] = (),
+    store: str | None = None,
+    metrics_listen: tuple[str, int] | None = None,
 ) -> None:
     """Serve until interrupted: HTTPS only when given ``tls_cert`` and ``tls_key``.
-    ``announce`` gets the "serving" line, once the port is bound, then ``warnings``."""
+    ``announce`` gets the "serving" line, once the port is bound, then ``warnings``.
+    ``store``: what ``/v1/warm-ref`` warms from. ``metrics_listen``: also serve
+    ``/metrics`` (only) there, over HTTP and without a token."""
     import uvicorn
+
+    from weightship.node.metrics import AgentMetrics
 
     cache.ensure()
     tls = tls_cert is not None and tls_key is not None
     if tls:
         check_tls(tls_cert, tls_key)
     _preload()
+    metrics = AgentMetrics(cache)
     config = uvicorn.Config(
-        create_app(cache, token),
+        create_app(cache, token, store=store, metrics=metrics),
         host=host,
         port=port,
         log_level="warning",
@@ -576,8 +666,26 @@ def serve(
     )
     config.load()
     socks = bind(host, port)
+    extra = None
+    if metrics_listen is not None:
+        mhost, mport = metrics_listen
+        try:
+            msocks = bind(mhost, mport, "--metrics-listen")
+        except UsageError:
+            for sock in socks:
+                sock.close()
+            raise
+        mconfig = uvicorn.Config(
+            metrics_app(metrics), log_level="warning", access_log=False, lifespan="off", proxy_headers=False
+        )
+        mconfig.load()
+        extra = (uvicorn.Server(mconfig), msocks)
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     announce(f"weightship agent {__version__} serving {cache.root} on {'https' if tls else 'http'}://{where}")
+    if metrics_listen is not None:
+        mhost, mport = metrics_listen
+        mwhere = f"[{mhost}]:{mport}" if ":" in mhost else f"{mhost}:{mport}"
+        announce(f"weightship agent metrics on http://{mwhere}/metrics (no token)")
     if not tls and not all(_loopback(s) for s in socks):
         announce(
             f"warning: listening on {where} without TLS: the bearer token, peer tokens and blobs travel in"
@@ -585,7 +693,24 @@ def serve(
         )
     for line in warnings:
         announce(f"warning: {line}")
-    uvicorn.Server(config).run(sockets=socks)
+    server = uvicorn.Server(config)
+    if extra is None:
+        server.run(sockets=socks)
+        return
+    asyncio.run(_serve_both(server, socks, *extra))
+
+
+async def _serve_both(api: Any, socks: list[socket.socket], metrics: Any, msocks: list[socket.socket]) -> None:
+    """The API and the metrics port in one event loop. Each uvicorn server handles the
+    signals while it serves (the one started last gets them), so whichever is asked to
+    stop, both stop."""
+
+    async def linked() -> None:
+        while not (api.should_exit or metrics.should_exit):
+            await asyncio.sleep(0.1)
+        api.should_exit = metrics.should_exit = True
+
+    await asyncio.gather(api.serve(sockets=socks), metrics.serve(sockets=msocks), linked())
 
 
 def _loopback(sock: socket.socket) -> bool:

@@ -36,9 +36,10 @@ from weightship.errors import (
     write_error,
 )
 from weightship.node.layout import CacheLayout, Record, fsync_dir, now, size_of
+from weightship.node.metrics import NO_METER, Meter
 from weightship.node.protocol import BadPeer, Eviction, ProgressEvent, WarmRequest, WarmResult
 from weightship.node.space import make_room
-from weightship.progress import human_bytes
+from weightship.progress import human_bytes, plural
 from weightship.store.writer import TooLarge
 
 FETCH_WORKERS = 4
@@ -123,9 +124,40 @@ class WarmEvents:
         return result
 
 
-def warm_release(cache: CacheLayout, req: WarmRequest, on_event: OnEvent | None = None) -> WarmResult:
+def warm_release(
+    cache: CacheLayout, req: WarmRequest, on_event: OnEvent | None = None, *, meter: Meter = NO_METER
+) -> WarmResult:
     """Make the release in ``req`` ready in ``cache``; return the result event (never
-    raises for a failure it understands: the result says ``failed`` and why)."""
+    raises for a failure it understands: the result says ``failed`` and why). ``meter``
+    is told the bytes fetched per source, copies that did not verify, and the warm's
+    duration (the agent's metrics)."""
+    result = _warm_release(cache, req, on_event, meter)
+    meter.warmed(result.state, result.seconds or 0.0)
+    return result
+
+
+def store_request(store_url: str, ref: str, *, pin: bool = False) -> WarmRequest:
+    """The request that warms ``ref`` (NAME:VERSION, NAME:TAG or NAME@sha256:HEX) from
+    ``store_url`` read with this node's own credentials: what an agent started with
+    ``--store`` does when asked to warm a reference by itself (``POST /v1/warm-ref``). A
+    tag is moved on the node as ``weightship warm`` would move it; the node's policy is
+    applied by the warm, as for any request."""
+    from weightship import release as releases
+    from weightship.store import open_store
+
+    r = refs.Ref.parse(ref)
+    store = open_store(store_url)
+    try:
+        rel = releases.resolve(store, r)
+        # A registry keeps blobs per release: the node reads them from the scoped store.
+        source = {"store": store.scoped(rel.name).url}
+    finally:
+        store.close()
+    tags = [r.label] if r.label and r.label != rel.version else []
+    return WarmRequest(manifest=rel.manifest_bytes, signature=rel.signature, source=source, tags=tags, pin=pin)
+
+
+def _warm_release(cache: CacheLayout, req: WarmRequest, on_event: OnEvent | None, meter: Meter) -> WarmResult:
     started = time.monotonic()
     events = WarmEvents(on_event or _noop)
     try:
@@ -146,7 +178,7 @@ def warm_release(cache: CacheLayout, req: WarmRequest, on_event: OnEvent | None 
         events.progress("pending")
         with cache.lock(lambda msg: events.progress("pending", message=msg), run_id):
             try:
-                result = _Warm(cache, req, manifest, events, run_id).run()
+                result = _Warm(cache, req, manifest, events, run_id, meter).run()
             except (WeightshipError, OSError) as e:
                 # Still under the lock: the failure is recorded before anyone else runs.
                 result = _fail(cache, events, _as_error(e), req.manifest)
@@ -181,9 +213,16 @@ class _Warm:
     """One warm, under the cache's lock."""
 
     def __init__(
-        self, cache: CacheLayout, req: WarmRequest, manifest: Manifest, events: WarmEvents, run_id: str
+        self,
+        cache: CacheLayout,
+        req: WarmRequest,
+        manifest: Manifest,
+        events: WarmEvents,
+        run_id: str,
+        meter: Meter = NO_METER,
     ) -> None:
         self.cache = cache
+        self.meter = meter
         self.req = req
         self.manifest = manifest
         self.events = events
@@ -258,7 +297,7 @@ class _Warm:
             rec["state"] = "fetching"
             cache.write_record(rec)
             if missing:
-                events.progress("fetching", message=f"{len(missing)} blobs, {human_bytes(need)} to fetch")
+                events.progress("fetching", message=f"{plural(len(missing), 'blob')}, {human_bytes(need)} to fetch")
                 fetched, origin_bytes, peer_report = self._fetch(missing)
             events.progress("verifying", message="checking every file is present and linking the release")
             rec["state"] = "verifying"
@@ -321,7 +360,7 @@ class _Warm:
             p["file"] = paths[p["blob"]][0]
             events.progress(events.state, message=f"peer {p['peer']}: {p['error']}; {p['then']}")
 
-        source = Sources(req.source, req.peers, chunk, on_problem, cache.file_sources)
+        source = Sources(req.source, req.peers, chunk, on_problem, cache.file_sources, meter=self.meter)
         stop = threading.Event()
         fetched = 0
         lock = threading.Lock()
@@ -503,4 +542,4 @@ def _mem_available() -> int | None:
     return None
 
 
-__all__ = ["FETCH_WORKERS", "HOT_CHUNK", "PEER_WORKERS", "OnEvent", "WarmEvents", "warm_release"]
+__all__ = ["FETCH_WORKERS", "HOT_CHUNK", "PEER_WORKERS", "OnEvent", "WarmEvents", "store_request", "warm_release"]

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 from weightship.artifact.hashing import CHUNK
 from weightship.artifact.manifest import check_relpath
 from weightship.errors import ConflictError, IntegrityError, NotFoundError, StoreError
-from weightship.store.base import Progress, Store, blob_key
+from weightship.store.base import ObjectInfo, Progress, Store, blob_key
 from weightship.store.writer import BlobWriter, Busy, TooLarge, read_capped
 
 # Uploads in flight, and interrupted ones a re-run resumes (readers skip them).
 PARTIAL_PREFIX = ".partial-"
+# Temporary files of atomic writes in flight (readers skip them too).
+TMP_PREFIX = ".tmp-"
 
 
 def fsync_dir(path: Path) -> None:
@@ -101,10 +105,47 @@ class FileStore(Store):
         out = []
         for dirpath, _, files in os.walk(base):
             for f in files:
-                if f.startswith((".tmp-", PARTIAL_PREFIX)):
+                if f.startswith((TMP_PREFIX, PARTIAL_PREFIX)):
                     continue
                 out.append((Path(dirpath) / f).relative_to(self.root).as_posix())
         return sorted(out)
+
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                st = (self.root / key).stat()
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+        return out
+
+    def delete_leftovers(self, older_than: datetime, *, dry_run: bool = False) -> list[ObjectInfo]:
+        """``.partial-*`` blob uploads and ``.tmp-*`` files of writes that were interrupted:
+        only those last written before ``older_than`` and, for a partial upload, whose
+        lock no publisher holds (a publish stalled for longer keeps its bytes)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for dirpath, _, files in os.walk(self.root):
+            for f in files:
+                if not f.startswith((TMP_PREFIX, PARTIAL_PREFIX)):
+                    continue
+                path = Path(dirpath) / f
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                modified = datetime.fromtimestamp(st.st_mtime, timezone.utc)
+                if modified >= older_than:
+                    continue
+                info = ObjectInfo(path.relative_to(self.root).as_posix(), st.st_size, modified)
+                if dry_run:
+                    if not _locked(path):
+                        found.append(info)
+                elif _unlink_unless_locked(path):
+                    found.append(info)
+        return sorted(found, key=lambda i: i.key)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -142,6 +183,9 @@ class FileStore(Store):
                         )
                 else:
                     n = 0
+                # The blob's age (prune's grace period) counts from now, not from when an
+                # interrupted publish wrote the bytes this one resumed.
+                os.utime(w.fileno())
                 w.commit(final, exclusive=True)
                 return n
         except TooLarge:
@@ -203,3 +247,35 @@ class FileStore(Store):
 
     def blob_url(self, hexdigest: str, expires: int = 3600) -> str | None:
         return f"file://{self._path(blob_key(hexdigest)).resolve()}"
+
+
+def _locked(path: Path) -> bool:
+    """Whether a publisher holds the flock of a partial upload now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _unlink_unless_locked(path: Path) -> bool:
+    """Unlink ``path`` while holding its flock, so that no publisher resumes it meanwhile
+    (one that opens it after the unlink creates a new file); False if one holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink(missing_ok=True)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

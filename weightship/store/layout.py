@@ -8,10 +8,23 @@ from __future__ import annotations
 
 from weightship.artifact.manifest import SIGNATURE_FILE
 
+# Where blobs live: prune lists this prefix.
+BLOB_PREFIX = "blobs/sha256/"
+# Markers of prunes in progress (docs/format.md "Deleting: rm and prune").
+PRUNE_PREFIX = "prune/"
+
 
 def blob_key(hexdigest: str) -> str:
     """File contents, content-addressed, written once."""
-    return f"blobs/sha256/{hexdigest}"
+    return f"{BLOB_PREFIX}{hexdigest}"
+
+
+def parse_release_key(key: str) -> tuple[str, str, str] | None:
+    """``releases/NAME/VERSION/FILE`` -> (NAME, VERSION, FILE); None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "releases":
+        return None
+    return parts[1], parts[2], parts[3]
 
 
 def manifest_key(name: str, version: str) -> str:
@@ -32,9 +45,25 @@ def legacy_signature_key(name: str, version: str) -> str:
     return f"releases/{name}/{version}/{SIGNATURE_FILE}"
 
 
+def removed_key(name: str, version: str) -> str:
+    """The record that ``rm`` removed the version: what it held, so that the version can
+    never name other files (docs/format.md, "Deleting: rm and prune")."""
+    return f"releases/{name}/{version}/removed.json"
+
+
 def tag_key(name: str, tag: str) -> str:
     """The version a movable tag points at."""
     return f"tags/{name}/{tag}"
 
 
-__all__ = ["blob_key", "legacy_signature_key", "manifest_key", "signature_key", "tag_key"]
+__all__ = [
+    "BLOB_PREFIX",
+    "PRUNE_PREFIX",
+    "blob_key",
+    "legacy_signature_key",
+    "manifest_key",
+    "parse_release_key",
+    "removed_key",
+    "signature_key",
+    "tag_key",
+]

@@ -26,12 +26,10 @@ is resolved by boto3, whose credentials obstore refreshes through
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,18 +38,17 @@ from urllib.parse import urlsplit
 import obstore
 from obstore import exceptions as oe
 
-from weightship.artifact.hashing import CRC_CHUNK
 from weightship.artifact.manifest import check_relpath
 from weightship.errors import (
     ConfigError,
     ConflictError,
-    IntegrityError,
     NotFoundError,
     StoreError,
     UsageError,
     WeightshipError,
 )
-from weightship.store.base import Progress, Store, blob_key
+from weightship.store.base import ObjectInfo, Progress, Store, blob_key
+from weightship.store.checked import CheckedFile
 from weightship.store.writer import BlobWriter
 
 MiB = 1024 * 1024
@@ -60,8 +57,6 @@ MiB = 1024 * 1024
 # buffers are held whatever the model's size (peak RSS stays far under 300 MB).
 PART_SIZE = 8 * MiB
 PART_CONCURRENCY = 4
-# Bytes read from a file, checked and handed to the upload at a time: one CRC chunk.
-READ_CHUNK = CRC_CHUNK
 # Downloads: one ranged GET per blob, streamed in pieces of this size.
 STREAM_CHUNK = 1 * MiB
 # The one retry policy (obstore's): 5xx answers, connection errors, dropped connections
@@ -164,6 +159,16 @@ class ObjectStore(Store):
             raise self._error(e, "list", prefix) from None
         return sorted(out)
 
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        # The listing already carries size and Last-Modified: no HEAD per object.
+        out: list[ObjectInfo] = []
+        try:
+            for batch in obstore.list(self._inner, prefix or None, chunk_size=1000):
+                out.extend(ObjectInfo(m["path"], int(m["size"]), m["last_modified"]) for m in batch)
+        except Exception as e:
+            raise self._error(e, "list", prefix) from None
+        return sorted(out, key=lambda i: i.key)
+
     def delete(self, key: str) -> None:
         try:
             obstore.delete(self._inner, check_relpath(key))
@@ -186,7 +191,7 @@ class ObjectStore(Store):
         key = blob_key(hexdigest)
         if self.exists(key):
             return 0
-        reader = _HashingReader(Path(src), hexdigest, size, progress, chunk_crc32)
+        reader = CheckedFile(Path(src), hexdigest, size, progress, chunk_crc32)
         try:
             if size <= PART_SIZE:
                 # One PUT: the bytes are all read and checked before anything is sent.
@@ -311,63 +316,6 @@ class ObjectStore(Store):
         if self.kind == "s3":
             return "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         return "check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_TOKEN)"
-
-
-class _HashingReader:
-    """A blob's file as obstore reads it for an upload: in order, READ_CHUNK at a time,
-    checked on the way. With ``chunk_crc32`` (the CRC32 of each CRC_CHUNK bytes, read by
-    publish in the same pass as the sha256 that names the blob) each chunk's CRC32 must
-    match, so the sha256 is computed once; without (a digest from the digest cache), the
-    sha256 is computed here. The last bytes are handed over only once the check passed
-    and the file is known to end there; otherwise reading fails, which makes obstore
-    abandon (abort) the upload, and ``error`` says why."""
-
-    def __init__(
-        self,
-        src: Path,
-        hexdigest: str,
-        size: int,
-        progress: Progress | None,
-        chunk_crc32: Sequence[int] | None = None,
-    ) -> None:
-        self.src = src
-        self.hexdigest = hexdigest
-        self.size = size
-        self.progress = progress
-        expected = -(-size // CRC_CHUNK)
-        self.crcs = chunk_crc32 if chunk_crc32 is not None and len(chunk_crc32) == expected else None
-        self.error: WeightshipError | None = None
-
-    def _changed(self, why: str) -> IntegrityError:
-        self.error = IntegrityError(f"{self.src} changed while publishing ({why})", "re-run publish once it is stable")
-        return self.error
-
-    def __iter__(self) -> Iterator[bytes]:
-        h = hashlib.sha256() if self.crcs is None else None
-        done = 0
-        i = 0
-        with open(self.src, "rb", buffering=0) as fh:
-            while done < self.size:
-                data = fh.read(min(READ_CHUNK, self.size - done))
-                if len(data) != min(READ_CHUNK, self.size - done):
-                    raise self._changed(f"it is shorter than the {self.size} bytes hashed")
-                if h is not None:
-                    h.update(data)
-                elif zlib.crc32(data) != self.crcs[i]:  # type: ignore[index]
-                    raise self._changed(f"the MiB at offset {done} differs from the bytes hashed")
-                i += 1
-                done += len(data)
-                if done == self.size:
-                    if fh.read(1):
-                        raise self._changed(f"it is longer than the {self.size} bytes hashed")
-                    if h is not None and h.hexdigest() != self.hexdigest:
-                        raise self._changed(f"sha256 now {h.hexdigest()[:12]}…")
-                if self.progress:
-                    self.progress(len(data))
-                yield data
-
-    def read_all(self) -> bytes:
-        return b"".join(self)
 
 
 # -- URLs and clients -------------------------------------------------------------------

@@ -13,13 +13,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from weightship.artifact.manifest import check_relpath, path_sort_key
+from weightship.artifact.manifest import SINGLE_FILE_RESOURCE, check_relpath, path_sort_key
 from weightship.errors import SignatureError
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+# The resource name of a model that is a single file, as model_signing 1.x writes it.
+SINGLE_FILE = SINGLE_FILE_RESOURCE
 
 
 def pae(payload: bytes, payload_type: str = PAYLOAD_TYPE) -> bytes:
@@ -103,10 +105,15 @@ def parse_statement(payload: bytes) -> Statement:
                 "re-sign with file serialization and sha256",
             )
         resources: dict[str, str] = {}
-        for r in predicate["resources"]:
+        listed = predicate["resources"]
+        for r in listed:
             if r.get("algorithm") != "sha256":
                 raise SignatureError(f"resource {r.get('name')!r} uses {r.get('algorithm')}")
-            name = check_relpath(str(r["name"]))
+            name = str(r["name"])
+            # "." is how the reference signer names a model that is one file (the path of
+            # the file relative to itself); it is only meaningful as the sole resource.
+            if name != SINGLE_FILE or len(listed) != 1:
+                check_relpath(name)
             if name in resources:
                 raise SignatureError(f"resource {name!r} listed twice in the signature")
             resources[name] = str(r["digest"]).lower()

@@ -8,12 +8,24 @@ from pathlib import Path
 from weightship.artifact import hashing, pack
 from weightship.artifact.manifest import check_relpath
 from weightship.errors import IntegrityError, SignatureError, UsageError
+from weightship.trust import oms
 from weightship.trust.bundle import verify_bundle
 from weightship.trust.policy import TrustPolicy, Verified
 
 
 def compare(signed: dict[str, str], actual: dict[str, str], where: str) -> None:
-    """Raise naming the first file that differs between what was signed and what is here."""
+    """Raise naming the first file that differs between what was signed and what is here.
+
+    A signature of a single file names it "." (as model_signing does): it matches when
+    ``where`` holds exactly one file, whatever that file is called, with that content.
+    A release of one file, pulled or warmed, is a directory holding that file."""
+    if list(signed) == [oms.SINGLE_FILE]:
+        if len(actual) != 1:
+            raise IntegrityError(
+                f"the signature covers a single file, but {where} holds {len(actual)} files",
+                "verify the file itself, not a directory",
+            )
+        signed = {next(iter(actual)): signed[oms.SINGLE_FILE]}
     for path in sorted(set(signed) | set(actual)):
         if path not in actual:
             raise IntegrityError(f"{path}: signed but missing from {where} (removed or renamed)")
@@ -35,6 +47,8 @@ def safe_ignores(statement_ignores: Iterable[str], resources: Iterable[str]) -> 
             raise SignatureError(f"signature ignore path {raw!r} points outside the model") from None
         out.append(rel)
     for res in resources:
+        if res == oms.SINGLE_FILE:
+            continue  # a single file: nothing is walked, so nothing can be hidden
         if pack.is_ignored(res, out):
             raise SignatureError(f"signature ignore paths hide {res!r}, a file it also signs")
     return out
@@ -48,9 +62,10 @@ def verify_directory(
     ignore: Iterable[str | Path] = (),
     progress: hashing.Progress | None = None,
 ) -> Verified:
-    """Verify a model directory against its OMS signature (default ``ROOT/model.sig``)."""
+    """Verify a model directory against its OMS signature (default ``ROOT/model.sig``),
+    or a single model file against its own (default ``FILE.sig``, see :func:`signature_path`)."""
     root = Path(root)
-    sig_path = signature or root / pack.SIGNATURE_FILE
+    sig_path = signature or signature_path(root)
     try:
         bundle = sig_path.read_bytes()
     except FileNotFoundError:
@@ -59,6 +74,12 @@ def verify_directory(
         raise UsageError(f"cannot read {sig_path}: {e.strerror}") from None
     verified = verify_bundle(bundle, policy)
     st = verified.statement
+    if root.is_file():
+        if list(ignore):
+            raise UsageError(f"--ignore applies to a model directory, and {root} is a file")
+        digest, _ = hashing.sha256_files([root], progress=progress)[root]
+        compare(st.resources, {root.name: digest}, str(root))
+        return verified
     ignores = pack.normalise_ignores(root, ignore)
     for rel in safe_ignores(st.ignore_paths, st.resources):
         if rel not in ignores:
@@ -68,3 +89,13 @@ def verify_directory(
     actual = {rel: hashed[path][0] for rel, path in local.items()}
     compare(st.resources, actual, str(root))
     return verified
+
+
+def signature_path(model: Path) -> Path:
+    """Where a model's signature lies unless told: ``DIR/model.sig`` for a directory (as
+    model_signing writes it), ``FILE.sig`` beside a single file (``model.gguf.sig``), since a
+    file has no inside, and a fixed name beside it would be shared by every file there."""
+    model = Path(model)
+    if not model.is_dir() and model.is_file():
+        return model.with_name(model.name + ".sig")
+    return model / pack.SIGNATURE_FILE

@@ -7,7 +7,7 @@ import json
 import threading
 from typing import Any
 
-from weightship.errors import ConfigError
+from weightship.errors import ConfigError, UsageError
 from weightship.fleet.inventory import Node
 from weightship.fleet.transports.base import CONNECT_TIMEOUT, NodeFailed, NodeUnreachable, OnEvent, Transport
 from weightship.node.protocol import WarmRequest
@@ -146,6 +146,41 @@ class AgentTransport(Transport):
 
     async def have(self, hexdigests: list[str]) -> dict[str, Any]:
         return await self._call("POST", "/v1/have", json={"blobs": hexdigests})
+
+    async def warm_ref(self, ref: str) -> dict[str, Any]:
+        """Ask the agent to warm ``ref`` from its own store (``agent serve --store``); its
+        answer names the job and the release (``name``, ``version``, ``digest``). The warm
+        goes on in the agent; its progress is in the agent's cache and its job's events."""
+        return await self._call("POST", "/v1/warm-ref", json={"ref": ref})
+
+
+def agent_node(url: str, token_file: str, ca: str | None = None, name: str = "agent") -> Node:
+    """An agent named by its URL (``http://HOST:PORT``, or ``https://`` with ``ca``, the CA
+    its certificate chains to), as a node that :class:`AgentTransport` reaches."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    if u.scheme not in ("http", "https") or not u.hostname or not port or u.path not in ("", "/") or u.query:
+        raise UsageError(f"--agent {url!r}: write http://HOST:PORT, or https://HOST:PORT with --tls-ca")
+    if (u.scheme == "https") != (ca is not None):
+        raise UsageError(
+            f"--agent {url!r}: an agent serving TLS is named https://HOST:PORT and needs --tls-ca",
+            "pass both, or neither for an agent serving plain HTTP",
+        )
+    return Node(
+        name=name,
+        region="",
+        kind="agent",
+        transport=f"agent://{u.netloc}",
+        host=u.hostname,
+        port=port,
+        token_file=token_file,
+        ca=ca,
+    )
 
 
 def _reason(e: Exception, node: Node) -> str:
