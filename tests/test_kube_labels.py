@@ -93,8 +93,17 @@ def test_labels_follow_warms_tag_moves_and_withdrawals(tmp_path: Path, keypair, 
         assert all(k.startswith(PREFIX + "/") for k in p.body["metadata"]["labels"]), p.body
     assert {p.path for p in kube.calls()} == {"/api/v1/nodes/gpu-1"}
     assert {p.method for p in kube.calls()} == {"GET", "PATCH"}
-    # Each reconcile that changed nothing patched nothing: a PATCH per change, not per poll.
-    assert len(patches) <= 8
+    # Exactly one PATCH per change, each naming only what changed (null: remove), in order:
+    # a reconcile that changed nothing patched nothing.
+    ours = lambda labels: {"metadata": {"labels": {f"{PREFIX}/{k}": v for k, v in labels.items()}}}  # noqa: E731
+    assert [p.body for p in patches] == [
+        ours({"gone.prod": None}),
+        ours({"m.prod": "1.0"}),
+        ours({"m.canary": "1.0"}),
+        ours({"m.prod": "2.0"}),
+        ours({"m.prod": None}),
+        ours({"m.prod": "2.0"}),
+    ]
 
 
 def test_warming_goes_on_while_the_api_refuses_or_is_down(tmp_path: Path, keypair, kube: KubeApi) -> None:
