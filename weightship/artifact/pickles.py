@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pickletools
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,10 +65,14 @@ def _parses_as_pickle(head: bytes) -> bool:
     row before the probe ran out (random or text bytes rarely get that far)."""
     count = 0
     try:
-        for op, _arg, _pos in pickletools.genops(head):
-            count += 1
-            if op.name == "STOP":
-                return True
+        # Decoding a STRING argument of arbitrary bytes warns about its escapes: the bytes
+        # are only being probed, and the warning would reach the user's terminal.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for op, _arg, _pos in pickletools.genops(head):
+                count += 1
+                if op.name == "STOP":
+                    return True
     except (ValueError, KeyError, UnicodeDecodeError, struct.error):
         # Cut off at the end of the probe, or not a pickle at all.
         return count >= 8
