@@ -315,7 +315,7 @@ complete -c weightship -n '__weightship_at "weightship node verify"' -l policy -
 complete -c weightship -n '__weightship_at "weightship node verify"' -s q -l quiet -d 'Only errors and results. Also accepted before the command.'
 
 # weightship node wait
-complete -c weightship -n '__weightship_at "weightship node wait"' -l agent -r -f -d 'This node\'s agent (http://HOST:PORT, https:// with --tls-ca): asked to warm REF from its --store when the cache does not hold it.'
+complete -c weightship -n '__weightship_at "weightship node wait"' -l agent -r -f -d 'This node\'s agent (http://HOST:PORT, https:// with --tls-ca): asked to warm REF from its --store when the cache does not hold it ready (absent, failed or evicted).'
 complete -c weightship -n '__weightship_at "weightship node wait"' -l cache -r -F -d 'The node cache directory.'
 complete -c weightship -n '__weightship_at "weightship node wait"' -s h -l help -d 'Show this message and exit.'
 complete -c weightship -n '__weightship_at "weightship node wait"' -l json -d 'Print a machine-readable JSON document. Also accepted before the command.'

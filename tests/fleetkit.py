@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -356,6 +357,18 @@ def tree(root: Path) -> dict[str, bytes]:
 
 def source_files(model_dir: Path) -> dict[str, bytes]:
     return {k: v for k, v in tree(model_dir).items() if k != "model.sig"}
+
+
+def corrupt_largest_blob(store_root: Path, src: Path) -> str:
+    """Flip a byte of the file store's copy of the model's largest file (so that a warm
+    from it fails its sha256 check); return that file's path in the model."""
+    largest = max((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    blob = store_root / "blobs" / "sha256" / hashlib.sha256(largest.read_bytes()).hexdigest()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    os.chmod(blob, 0o644)
+    blob.write_bytes(bytes(data))
+    return largest.relative_to(src).as_posix()
 
 
 def on_disk(cache: Path) -> int:

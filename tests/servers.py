@@ -10,6 +10,7 @@ than what the client says it sent. ``start_azurite(tmp_dir)`` runs Azurite's
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -587,8 +588,6 @@ class RegistryServer(_ServerProcess):
 
     def docker_config(self, directory: Path, user: str, password: str | None = None) -> Path:
         """A DOCKER_CONFIG directory whose config.json holds ``user``'s credentials here."""
-        import base64
-
         directory.mkdir(parents=True, exist_ok=True)
         secret = self.users[user] if password is None else password
         auth = base64.b64encode(f"{user}:{secret}".encode()).decode()
@@ -649,7 +648,7 @@ class TokenService:
         )
         self.cert_path = directory / "token-signer.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self._x5c = base64_std(cert.public_bytes(serialization.Encoding.DER))
+        self._x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
         service = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -665,7 +664,6 @@ class TokenService:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def _answer(self, h: Any) -> None:
-        import base64
         from urllib.parse import parse_qs, urlsplit
 
         q = parse_qs(urlsplit(h.path).query)
@@ -713,15 +711,7 @@ class TokenService:
 
 
 def b64url(data: bytes) -> str:
-    import base64
-
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def base64_std(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode()
 
 
 def start_registry(

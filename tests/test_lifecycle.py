@@ -424,6 +424,25 @@ def test_prune_removes_old_leftovers_of_interrupted_uploads_only(tmp_path: Path)
     assert sorted(p.name for p in blobs.iterdir()) == sorted([held.name, young.name])
 
 
+def test_prune_deletes_the_marker_of_a_killed_prune_and_a_dry_run_says_it_would(tmp_path: Path) -> None:
+    """A killed prune leaves its marker, which makes every publish wait: once it is older
+    than PRUNE_MARKER_STALE, prune deletes it, and --dry-run reports it without deleting."""
+    url = f"file://{tmp_path / 'store'}"
+    st = open_store(url)
+    st.write("prune/killed", b"{}")
+    st.write("prune/running", b"{}")  # a prune in progress now: never touched
+    old = time.time() - release.PRUNE_MARKER_STALE.total_seconds() - 3600
+    os.utime(tmp_path / "store" / "prune" / "killed", (old, old))
+
+    dry = release.prune(st, grace=timedelta(0), dry_run=True)
+    assert [i["key"] for i in dry.leftovers] == ["prune/killed"] and dry.bytes_freed == 2
+    assert st.list("prune/") == ["prune/killed", "prune/running"]
+    done = release.prune(st, grace=timedelta(0))
+    assert [i["key"] for i in done.leftovers] == ["prune/killed"]
+    assert st.list("prune/") == ["prune/running"]
+    st.close()
+
+
 # -- 4. pull --force, --include, --exclude, and the word about the policy ---------------------
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fleetkit import Agent, cli_json, fleet_toml, model, node_toml, publish, start_agent
+from tests.fleetkit import Agent, cli_json, corrupt_largest_blob, fleet_toml, model, node_toml, publish, start_agent
 from tests.helpers import run_cli
 from tests.servers import free_port
 from weightship.errors import IntegrityError
@@ -139,12 +139,7 @@ def test_a_copy_that_does_not_verify_is_counted(tmp_path: Path, keypair) -> None
     store = f"file://{store_root}"
     src = model(tmp_path, 72)
     publish(src, "m:1.0", store, key)
-    largest = max((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    blob = store_root / "blobs" / "sha256" / hashlib.sha256(largest.read_bytes()).hexdigest()
-    data = bytearray(blob.read_bytes())
-    data[0] ^= 0xFF
-    os.chmod(blob, 0o644)
-    blob.write_bytes(bytes(data))
+    largest = src / corrupt_largest_blob(store_root, src)
     agent = start_agent(tmp_path / "agent", node_toml(tmp_path / "node.toml", pub), {}, store=store)
     try:
         work = tmp_path / "work"
@@ -160,7 +155,7 @@ def test_a_copy_that_does_not_verify_is_counted(tmp_path: Path, keypair) -> None
         assert value(s, "weightship_warm_duration_seconds_count", state="ready") == 0
         # The corrupt copy's bytes did move: they are counted, though nothing was kept.
         assert value(s, "weightship_bytes_fetched_total", source="store") >= largest.stat().st_size
-        assert not (agent.cache / "blobs" / "sha256" / blob.name).exists()
+        assert not (agent.cache / "blobs" / "sha256" / hashlib.sha256(largest.read_bytes()).hexdigest()).exists()
     finally:
         agent.stop()
 

@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator
 
 from tests.fleetkit import (
     cli_json,
+    corrupt_largest_blob,
     fleet_toml,
     make_tls,
     model,
@@ -51,17 +52,6 @@ def hashes(root: Path) -> dict[str, str]:
 
 def expected(src: Path) -> dict[str, str]:
     return {k: hashlib.sha256(v).hexdigest() for k, v in source_files(src).items()}
-
-
-def _corrupt_largest_blob(store_root: Path, src: Path) -> str:
-    """Flip a byte of the store's copy of the model's largest file; return its path."""
-    largest = max((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    blob = store_root / "blobs" / "sha256" / hashlib.sha256(largest.read_bytes()).hexdigest()
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    os.chmod(blob, 0o644)
-    blob.write_bytes(bytes(data))
-    return largest.relative_to(src).as_posix()
 
 
 def _region(tmp_path: Path, agent, store: str, pub: Path) -> Path:
@@ -177,7 +167,7 @@ def test_a_failed_warm_ends_the_wait_with_its_reason(tmp_path: Path, keypair) ->
     store = f"file://{store_root}"
     src = model(tmp_path, 62)
     publish(src, "m:1.0", store, key, tags=["prod"])
-    bad_file = _corrupt_largest_blob(store_root, src)
+    bad_file = corrupt_largest_blob(store_root, src)
     agent = start_agent(tmp_path / "agent", node_toml(tmp_path / "node.toml", pub), {}, store=store)
     try:
         work = _region(tmp_path, agent, store, pub)
@@ -196,6 +186,19 @@ def test_a_failed_warm_ends_the_wait_with_its_reason(tmp_path: Path, keypair) ->
         proc = run_cli("node", "wait", "m:1.0", "--cache", agent.cache, "--timeout", "60")
         assert proc.returncode == 1 and proc.stdout == ""
         assert "m:1.0 failed in" in error_line(proc) and "sha256 mismatch" in error_line(proc)
+
+        # With --agent, the recorded failure is what the agent is asked to repair: once the
+        # store is mended, the wait has it warmed again and ends ready.
+        good = src / bad_file
+        (store_root / "blobs" / "sha256" / hashlib.sha256(good.read_bytes()).hexdigest()).write_bytes(good.read_bytes())
+        proc = run_cli(
+            "node", "wait", "m:1.0", "--cache", agent.cache, "--agent", agent.url,
+            "--token-file", agent.dir / "token", "--timeout", "120", "--json",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        doc = valid(cli_json(proc))
+        assert doc["ok"] and doc["job"], doc
+        assert hashes(Path(doc["path"])) == expected(src)
     finally:
         agent.stop()
 

@@ -25,7 +25,7 @@ from weightship import release
 from weightship.artifact.manifest import FileEntry, Manifest
 from weightship.errors import ConflictError
 from weightship.store import open_store
-from weightship.store.layout import manifest_key
+from weightship.store.layout import manifest_key, signature_key
 
 MODEL_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
 MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
@@ -235,6 +235,39 @@ def test_racing_writers_of_one_version_leave_exactly_one(oci_store_url: str, tmp
         winners = [i for i, r in results.items() if r == "won"]
         assert len(winners) == 1 and list(results.values()).count("conflict") == 5, results
         assert st.read(manifest_key("race", version)) == docs[winners[0]]
+    st.close()
+
+
+def test_a_signed_writer_that_lost_the_race_leaves_no_signature_behind(oci_store_url: str) -> None:
+    """Each writer's signature is pushed (a referrer of its manifest) before its manifest:
+    the losers' would outlive them, kept by their referrers tags, unless they drop them."""
+    st = open_store(oci_store_url)
+    docs = {}
+    for i in range(3):
+        m = Manifest([], name="signed", version="1")
+        m.signature, m.created = "key", f"2026-01-01T00:00:0{i}Z"
+        docs[i] = m.to_bytes()
+    go = threading.Barrier(3)
+    results: dict[int, str] = {}
+
+    def writer(i: int) -> None:
+        st.write(signature_key("signed", "1", release.digest_of(docs[i])), b'{"bundle": %d}' % i)
+        go.wait()
+        try:
+            st.write(manifest_key("signed", "1"), docs[i], exclusive=True)
+            results[i] = "won"
+        except ConflictError:
+            results[i] = "conflict"
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [winner] = [i for i, r in results.items() if r == "won"]
+    _, digest = Registry(oci_store_url).manifest("signed", "1")
+    assert Registry(oci_store_url).tags("signed") == sorted(["1", digest.replace(":", "-")]), results
+    assert release.load_release(st, "signed", "1").signature == b'{"bundle": %d}' % winner
     st.close()
 
 
@@ -485,6 +518,37 @@ def test_plain_http_only_to_loopback_unless_insecure() -> None:
     assert proc.returncode == 2 and "unknown setting" in error_line(proc)
     proc = run_cli("ls", "--store", "oci://registry.example/Team")
     assert proc.returncode == 2 and "repository name" in error_line(proc)
+
+
+def _basic_registry(base: str, seen: list[tuple[str, str | None]]) -> httpx.Client:
+    """A client with a password for registry.example, whose registry (a mock) wants Basic."""
+    from weightship.store.oci_auth import Credentials, RegistryAuth
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("Authorization")))
+        if request.headers.get("Authorization"):
+            return httpx.Response(200, json={})
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="registry"'})
+
+    auth = RegistryAuth("registry.example", Credentials("ci", "s3cret"))
+    return httpx.Client(base_url=base, auth=auth, transport=httpx.MockTransport(answer))
+
+
+def test_a_password_never_goes_over_plain_http_nor_to_another_host() -> None:
+    from weightship.errors import StoreError
+
+    # ?insecure=true: plain HTTP to a registry that asks for a password is refused, unsent.
+    seen: list[tuple[str, str | None]] = []
+    with _basic_registry("http://registry.example", seen) as http, pytest.raises(StoreError, match="plain HTTP"):
+        http.get("/v2/ns/m/tags/list")
+    assert seen == [("http://registry.example/v2/ns/m/tags/list", None)]
+
+    # Over HTTPS it is sent, to the registry's host only (an upload Location elsewhere gets none).
+    seen.clear()
+    with _basic_registry("https://registry.example", seen) as http:
+        assert http.get("/v2/ns/m/tags/list").status_code == 200
+        http.patch("https://uploads.elsewhere.example/v2/ns/m/blobs/uploads/1", content=b"x")
+    assert [a is not None for _, a in seen] == [False, True, False]
 
 
 # -- removing ----------------------------------------------------------------------------------

@@ -205,6 +205,9 @@ def test_single_file_usage(tmp_path: Path, gguf_file: Path, keypair) -> None:
     assert proc.returncode == 2 and "--ignore applies to a model directory" in error_line(proc)
     proc = run_cli("pack", tmp_path / "missing.gguf")
     assert proc.returncode == 1 and "no such file or directory" in error_line(proc)
+    # A mistyped path is not an unsigned model ("missing.gguf/model.sig: no signature").
+    proc = run_cli("verify", tmp_path / "missing.gguf", "--key", keypair[1])
+    assert proc.returncode == 1 and "missing.gguf: no such file or directory" in error_line(proc)
     proc = run_cli("verify", gguf_file, "--key", keypair[1])
     assert proc.returncode == 1 and "model.gguf.sig: no signature" in error_line(proc)
     # The library packs it as a model of one file named after it.

@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
 
 def open_store(url: str | None = None) -> Store:
-    """``file://PATH``, ``s3://BUCKET/PREFIX`` or ``az://CONTAINER/PREFIX`` (default: the
-    embedded ``file://.weightship/store``)."""
+    """``file://PATH``, ``s3://BUCKET/PREFIX``, ``az://CONTAINER/PREFIX`` or
+    ``oci://HOST/NAMESPACE`` (default: the embedded ``file://.weightship/store``)."""
     from weightship.store import open_store as _open
 
     return _open(url)

@@ -722,18 +722,24 @@ class PruneResult:
         return {"schema": "weightship.prune/v1", **self.__dict__}
 
 
+@dataclass(frozen=True)
+class _Read:
+    """A manifest as a listing found it: (modified, size) as listed, then what it names."""
+
+    stamp: tuple[datetime, int]
+    blobs: frozenset[str]
+    digest: str
+
+
 @dataclass
 class _Releases:
     """The manifests of a store as one listing found them, read once each."""
 
-    # manifest key -> (modified, size) as listed, and what it references
-    seen: dict[str, tuple[datetime, int]] = field(default_factory=dict)
-    blobs: dict[str, set[str]] = field(default_factory=dict)
-    digests: dict[tuple[str, str], str] = field(default_factory=dict)
+    manifests: dict[str, _Read] = field(default_factory=dict)  # by manifest key
     signatures: list[ObjectInfo] = field(default_factory=list)
 
     def referenced(self) -> set[str]:
-        return set().union(*self.blobs.values()) if self.blobs else set()
+        return set().union(*(m.blobs for m in self.manifests.values()))
 
     def signature_stale(self, key: str) -> bool:
         """A signature no manifest of this listing pairs with (a removed release's, or
@@ -741,10 +747,10 @@ class _Releases:
         parsed = parse_release_key(key)
         assert parsed is not None
         name, version, file = parsed
-        digest = self.digests.get((name, version))
-        if file == pack.SIGNATURE_FILE:
-            return digest is None
-        return digest is None or file != f"sha256-{digest.removeprefix('sha256:')}.sig"
+        read = self.manifests.get(manifest_key(name, version))
+        if read is None:
+            return True
+        return file != pack.SIGNATURE_FILE and file != f"sha256-{read.digest.removeprefix('sha256:')}.sig"
 
 
 def _scan_releases(store: Store, before: _Releases | None = None) -> _Releases:
@@ -752,21 +758,18 @@ def _scan_releases(store: Store, before: _Releases | None = None) -> _Releases:
     replaced since). A manifest that cannot be read stops the prune: which blobs it
     names is unknown, so deleting any could break it."""
     now = _Releases()
-    to_read: list[tuple[str, str, str]] = []
+    to_read: list[tuple[ObjectInfo, str, str]] = []
     for info in store.list_info("releases/"):
         parsed = parse_release_key(info.key)
         if parsed is None:
             continue
         name, version, file = parsed
         if file == "manifest.json":
-            stamp = (info.modified, info.size)
-            if before is not None and before.seen.get(info.key) == stamp:
-                now.seen[info.key] = stamp
-                now.blobs[info.key] = before.blobs[info.key]
-                now.digests[(name, version)] = before.digests[(name, version)]
+            known = before.manifests.get(info.key) if before is not None else None
+            if known is not None and known.stamp == (info.modified, info.size):
+                now.manifests[info.key] = known
             else:
-                to_read.append((info.key, name, version))
-                now.seen[info.key] = stamp
+                to_read.append((info, name, version))
         elif file.endswith(".sig"):
             now.signatures.append(info)
 
@@ -777,9 +780,8 @@ def _scan_releases(store: Store, before: _Releases | None = None) -> _Releases:
             return None  # removed since the listing
 
     with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS * 2) as pool:
-        for (key, name, version), data in zip(to_read, pool.map(read, [k for k, _, _ in to_read]), strict=True):
+        for (info, name, version), data in zip(to_read, pool.map(read, [i.key for i, _, _ in to_read]), strict=True):
             if data is None:
-                del now.seen[key]
                 continue
             try:
                 manifest = Manifest.from_bytes(data, where=f"manifest of {name}:{version}")
@@ -788,8 +790,7 @@ def _scan_releases(store: Store, before: _Releases | None = None) -> _Releases:
                     f"prune stopped: cannot read the manifest of {name}:{version} ({e.message})",
                     f"remove the damaged release with weightship rm {name}:{version}, then prune again",
                 ) from None
-            now.blobs[key] = set(manifest.blobs())
-            now.digests[(name, version)] = digest_of(data)
+            now.manifests[info.key] = _Read((info.modified, info.size), frozenset(manifest.blobs()), digest_of(data))
     return now
 
 
@@ -804,8 +805,8 @@ def prune(
     what interrupted uploads left, when last modified more than ``grace`` ago (by the
     store's clock): a publish in flight never loses a blob it uploaded. The rule, and how
     it is kept against a publish that reuses an unreferenced blob meanwhile, is in
-    docs/format.md ("Deleting: rm and prune")."""
-    reporter = reporter or Reporter()
+    docs/format.md ("Deleting: rm and prune"). ``reporter`` is accepted as every command's
+    is; prune reports nothing before its result."""
     if grace < timedelta(0):
         raise UsageError("the grace period cannot be negative", "e.g. --grace 24h")
     # Before anything is written: a store that cannot say how old objects are says so here.
@@ -818,7 +819,7 @@ def prune(
         started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         store.write(marker, json.dumps({"started": started, "host": os.uname().nodename}).encode())
     try:
-        return _prune(store, grace, dry_run, marker, reporter)
+        return _prune(store, grace, dry_run, marker)
     finally:
         if marker is not None:
             # If this fails, the marker is stale after PRUNE_MARKER_STALE: a prune deletes it.
@@ -826,8 +827,9 @@ def prune(
                 store.delete(marker)
 
 
-def _prune(store: Store, grace: timedelta, dry_run: bool, marker: str | None, reporter: Reporter) -> PruneResult:
-    markers = store.list_info(PRUNE_PREFIX) if marker else []
+def _prune(store: Store, grace: timedelta, dry_run: bool, marker: str | None) -> PruneResult:
+    # Listed with --dry-run too: it reports the stale markers a prune would delete.
+    markers = store.list_info(PRUNE_PREFIX)
     # Ages by the store's clock where it says (our marker was written just now).
     now = next((m.modified for m in markers if m.key == marker), datetime.now(timezone.utc))
     cutoff = now - grace

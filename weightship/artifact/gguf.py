@@ -69,20 +69,20 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     41: ("Q1_0", 128, 18),
 }
 
-# Metadata value types: id -> (struct format, size) for the fixed-size ones.
+# Metadata value types; the byte sizes of the fixed-size ones.
 _UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, _INT64, _FLOAT64 = range(13)
 _FIXED = {
-    _UINT8: ("<B", 1),
-    _INT8: ("<b", 1),
-    _UINT16: ("<H", 2),
-    _INT16: ("<h", 2),
-    _UINT32: ("<I", 4),
-    _INT32: ("<i", 4),
-    _FLOAT32: ("<f", 4),
-    _BOOL: ("<B", 1),
-    _UINT64: ("<Q", 8),
-    _INT64: ("<q", 8),
-    _FLOAT64: ("<d", 8),
+    _UINT8: 1,
+    _INT8: 1,
+    _UINT16: 2,
+    _INT16: 2,
+    _UINT32: 4,
+    _INT32: 4,
+    _FLOAT32: 4,
+    _BOOL: 1,
+    _UINT64: 8,
+    _INT64: 8,
+    _FLOAT64: 8,
 }
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 MAX_NESTING = 8  # arrays of arrays: llama.cpp allows none deeper than that in practice
@@ -103,6 +103,9 @@ class _Reader:
         self.buf = buf
         self.size = size
         self.pos = 0
+        # Counts, string lengths and dimensions are u64 since version 2, u32 in version 1;
+        # set once the version is read.
+        self.wide = True
 
     def take(self, n: int, what: str) -> int:
         """Advance by ``n`` bytes; return where they start."""
@@ -112,61 +115,59 @@ class _Reader:
         self.pos += n
         return start
 
-    def unpack(self, fmt: str, n: int, what: str) -> int | float:
-        return struct.unpack_from(fmt, self.buf, self.take(n, what))[0]
-
     def u32(self, what: str) -> int:
-        return int(self.unpack("<I", 4, what))
+        return _U32.unpack_from(self.buf, self.take(4, what))[0]
 
     def u64(self, what: str) -> int:
-        return int(self.unpack("<Q", 8, what))
+        return _U64.unpack_from(self.buf, self.take(8, what))[0]
+
+    def count(self, what: str) -> int:
+        """A count, string length or dimension, as wide as the version makes it."""
+        return self.u64(what) if self.wide else self.u32(what)
 
 
-def _string(r: _Reader, wide: bool, what: str, *, keep: bool = True) -> str | None:
-    n = r.u64(what) if wide else r.u32(what)
+def _string(r: _Reader, what: str) -> str:
+    n = r.count(what)
     start = r.take(n, what)
-    if not keep:
-        return None
-    raw = bytes(r.buf[start : start + n])
     try:
-        return raw.decode("utf-8")
+        return bytes(r.buf[start : start + n]).decode("utf-8")
     except UnicodeDecodeError:
         raise _Bad(f"{what} is not valid UTF-8") from None
 
 
-def _skip_value(r: _Reader, vtype: int, wide: bool, what: str, depth: int = 0) -> None:
+def _skip_value(r: _Reader, vtype: int, what: str, depth: int = 0) -> None:
     if vtype in _FIXED:
-        r.take(_FIXED[vtype][1], what)
+        r.take(_FIXED[vtype], what)
     elif vtype == _STRING:
-        _string(r, wide, what, keep=False)
+        r.take(r.count(what), what)
     elif vtype == _ARRAY:
         if depth >= MAX_NESTING:
             raise _Bad(f"{what}: arrays nested more than {MAX_NESTING} deep")
         etype = r.u32(what)
-        count = r.u64(what) if wide else r.u32(what)
+        count = r.count(what)
         if etype in _FIXED:
-            r.take(count * _FIXED[etype][1], what)  # one bounds check for the whole array
+            r.take(count * _FIXED[etype], what)  # one bounds check for the whole array
             return
         if etype not in (_STRING, _ARRAY):
             raise _Bad(f"{what}: unknown array element type {etype}")
         # Every element takes at least its length field: a count the file cannot hold is
         # refused before looping over it.
-        if count * (8 if wide else 4) > r.size - r.pos:
+        if count * (8 if r.wide else 4) > r.size - r.pos:
             raise _Bad(f"{what}: array of {count} elements in a file of {r.size} bytes")
         if etype == _STRING:
-            _skip_strings(r, count, wide, what)
+            _skip_strings(r, count, what)
             return
         for _ in range(count):
-            _skip_value(r, etype, wide, what, depth + 1)
+            _skip_value(r, etype, what, depth + 1)
     else:
         raise _Bad(f"{what}: unknown value type {vtype}")
 
 
-def _skip_strings(r: _Reader, count: int, wide: bool, what: str) -> None:
+def _skip_strings(r: _Reader, count: int, what: str) -> None:
     """Skip ``count`` strings by their lengths: a vocabulary's 150 000 tokens and as many
     merges are most of a header, so this loop is kept tight (about 0.1 s for 300 000)."""
-    unpack = (_U64 if wide else _U32).unpack_from
-    step = 8 if wide else 4
+    unpack = (_U64 if r.wide else _U32).unpack_from
+    step = 8 if r.wide else 4
     buf, pos, size = r.buf, r.pos, r.size
     for _ in range(count):
         if pos + step > size:
@@ -190,27 +191,27 @@ def summarise(path: Path, display: str) -> GGUFSummary:
                 raise _bad(display, f"shorter than its header ({size} bytes)")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 try:
-                    return _parse(_Reader(buf, size), display)
+                    return _parse(_Reader(buf, size))
                 except _Bad as e:
                     raise _bad(display, str(e)) from None
     except OSError as e:
         raise ModelError(f"{display}: cannot read ({e.strerror})") from None
 
 
-def _parse(r: _Reader, display: str) -> GGUFSummary:
+def _parse(r: _Reader) -> GGUFSummary:
     magic = bytes(r.buf[r.take(4, "magic") : 4])
     if magic != MAGIC:
         raise _Bad(f"no GGUF magic (starts with {magic!r})")
     version = r.u32("version")
     if version not in VERSIONS:
         raise _Bad(f"version {version}, weightship reads versions 1 to 3")
-    wide = version >= 2  # version 1 had 32-bit counts and string lengths
-    n_tensors = r.u64("tensor count") if wide else r.u32("tensor count")
-    n_kv = r.u64("metadata count") if wide else r.u32("metadata count")
+    r.wide = version >= 2  # version 1 had 32-bit counts and string lengths
+    n_tensors = r.count("tensor count")
+    n_kv = r.count("metadata count")
     # The smallest key/value is a 1-byte key, its length, a type and a 1-byte value; the
     # smallest tensor info a 1-byte name, its length, n_dims, type and offset.
     rest = r.size - r.pos
-    length = 8 if wide else 4
+    length = 8 if r.wide else 4
     if n_kv * (length + 1 + 4 + 1) > rest:
         raise _Bad(f"{n_kv} metadata entries cannot fit in a file of {r.size} bytes")
     if n_tensors * (length + 1 + 4 + 4 + 8) > rest:
@@ -220,8 +221,7 @@ def _parse(r: _Reader, display: str) -> GGUFSummary:
     architecture: str | None = None
     keys: set[str] = set()
     for i in range(n_kv):
-        key = _string(r, wide, f"metadata key {i}")
-        assert key is not None
+        key = _string(r, f"metadata key {i}")
         if key in keys:
             raise _Bad(f"metadata key {key!r} appears twice")
         keys.add(key)
@@ -233,24 +233,23 @@ def _parse(r: _Reader, display: str) -> GGUFSummary:
             if alignment == 0 or alignment & (alignment - 1):
                 raise _Bad(f"general.alignment {alignment} is not a power of two")
         elif key == "general.architecture" and vtype == _STRING:
-            architecture = _string(r, wide, "general.architecture")
+            architecture = _string(r, "general.architecture")
         else:
-            _skip_value(r, vtype, wide, f"metadata {key!r}")
+            _skip_value(r, vtype, f"metadata {key!r}")
 
     types: dict[str, int] = {}
     parameters = 0
     names: set[str] = set()
     spans: list[tuple[int, int | None, str]] = []
     for i in range(n_tensors):
-        name = _string(r, wide, f"tensor info {i}")
-        assert name is not None
+        name = _string(r, f"tensor info {i}")
         if name in names:
             raise _Bad(f"tensor {name!r} appears twice")
         names.add(name)
         n_dims = r.u32(f"tensor {name!r}")
         if n_dims > MAX_DIMS:
             raise _Bad(f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS} are allowed")
-        dims = [r.u64(f"tensor {name!r}") if wide else r.u32(f"tensor {name!r}") for _ in range(n_dims)]
+        dims = [r.count(f"tensor {name!r}") for _ in range(n_dims)]
         gtype = r.u32(f"tensor {name!r}")
         offset = r.u64(f"tensor {name!r}")
         elements = math.prod(dims)
@@ -276,8 +275,8 @@ def _parse(r: _Reader, display: str) -> GGUFSummary:
     if spans and data_size < 0:
         raise _Bad(f"truncated before its tensor data (header of {header_bytes} bytes, file of {r.size})")
     for offset, nbytes, name in spans:
-        end = offset + (nbytes or 0)
-        if offset > data_size or end > data_size:
+        end = offset + (nbytes or 0)  # a type of unknown size: its start, at least, must be in the file
+        if end > data_size:
             raise _Bad(
                 f"tensor {name!r} ends at byte {data_start + end}, past the end of the file ({r.size} bytes): "
                 "the file is truncated"

@@ -29,7 +29,7 @@ from weightship.errors import ModelError, UsageError
 DEFAULT_IGNORES = (".git", ".gitattributes", ".github", ".gitignore", SIGNATURE_FILE)
 # What the reference signer records for a single file: its git defaults only, since the
 # signature of a file lies outside it.
-SINGLE_FILE_IGNORES = DEFAULT_IGNORES[:4]
+SINGLE_FILE_IGNORES = tuple(p for p in DEFAULT_IGNORES if p != SIGNATURE_FILE)
 
 
 @dataclass
@@ -160,7 +160,7 @@ def pack(
     read also get their chunk CRC32s (``PackedModel.chunk_crc32``)."""
     root = Path(root)
     pickles.check_mode(pickle)
-    single = not root.is_dir() and root.is_file()
+    single = root.is_file()
     if single:
         if list(ignore):
             raise UsageError(f"--ignore applies to a model directory, and {root} is a file")

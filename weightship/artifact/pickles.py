@@ -15,7 +15,6 @@ file, before anything is uploaded), ``allow`` (silent).
 
 from __future__ import annotations
 
-import pickletools
 import struct
 import warnings
 import zipfile
@@ -63,6 +62,9 @@ def kind(path: Path) -> str | None:
 def _parses_as_pickle(head: bytes) -> bool:
     """True when the bytes read as a protocol 0/1 pickle: a STOP, or several opcodes in a
     row before the probe ran out (random or text bytes rarely get that far)."""
+    # Here, not at the top: every pack imports this module, few models hold an old pickle.
+    import pickletools
+
     count = 0
     try:
         # Decoding a STRING argument of arbitrary bytes warns about its escapes: the bytes
@@ -74,8 +76,7 @@ def _parses_as_pickle(head: bytes) -> bool:
                 if op.name == "STOP":
                     return True
     except (ValueError, KeyError, UnicodeDecodeError, struct.error):
-        # Cut off at the end of the probe, or not a pickle at all.
-        return count >= 8
+        pass  # cut off at the end of the probe, or not a pickle at all
     return count >= 8
 
 

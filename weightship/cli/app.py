@@ -13,7 +13,7 @@ import gc
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -33,7 +33,7 @@ class _Root(typer.core.TyperGroup):
     """The ``weightship`` group: once Typer has built the tree, ``-q`` and ``--json`` are
     made to work after the command too (see :func:`weightship.cli.options.anywhere`)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         anywhere(self)
 

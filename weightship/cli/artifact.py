@@ -34,7 +34,7 @@ from weightship.cli.options import (
     say,
 )
 from weightship.errors import UsageError
-from weightship.progress import plural
+from weightship.progress import human_bytes, plural
 
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Model directory, or a single model file.")]
 
@@ -42,10 +42,11 @@ ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Model directory
 def tree_size(directory: Path) -> int:
     """Bytes under ``directory`` (or of a single file): the total of a hashing progress bar
     (0 when unreadable)."""
+    directory = Path(directory)
     try:
-        if Path(directory).is_file():
-            return Path(directory).stat().st_size
-        return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+        if directory.is_file():
+            return directory.stat().st_size
+        return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     except OSError:
         return 0
 
@@ -60,7 +61,6 @@ def pack(
     """Hash a model directory or file, check its headers, and print its manifest (nothing is written)."""
     from weightship.artifact import pack as _pack
     from weightship.cli.render import render_files
-    from weightship.progress import human_bytes
 
     mode = load_config(ctx).pickle_mode(refuse_pickle)
     rep = reporter(ctx, json_)

@@ -30,6 +30,7 @@ from weightship.cli.options import (
     say,
 )
 from weightship.errors import UsageError
+from weightship.progress import plural
 
 if TYPE_CHECKING:
     from weightship.config import Config
@@ -218,8 +219,6 @@ def warm(
         return
     display = make_display(quiet(ctx), json_)
     if not json_:
-        from weightship.progress import plural
-
         say(ctx, f"warming {rel.ref} ({rel.digest[:19]}…) on {plural(len(reg.nodes), 'node')} of {reg.name}")
     report = asyncio.run(
         orchestrate.warm_region(

@@ -26,10 +26,12 @@ from weightship.cli.options import (
     say,
 )
 from weightship.errors import UsageError
+from weightship.progress import plural
 
 if TYPE_CHECKING:
     from weightship.node.cache import NodeCache
     from weightship.node.protocol import WarmRequest
+    from weightship.node.wait import RequestWarm
 
 node_app = typer.Typer(
     help="The node side: run the cache engine on this machine (what ssh runs; prints JSON lines with --json).",
@@ -288,8 +290,6 @@ def node_verify(
         _Out().line(doc)
         return
     signed = f", signature verified ({doc['signer'].get('method')})" if doc.get("signer") else ""
-    from weightship.progress import plural
-
     files = f"{plural(doc['files'], 'file')} {'matches' if doc['files'] == 1 else 'match'}"
     say(ctx, f"{doc['name']}:{doc['version']}: {files} the manifest{signed}")
 
@@ -335,7 +335,7 @@ def node_wait(
         typer.Option(
             "--agent",
             help="This node's agent (http://HOST:PORT, https:// with --tls-ca): asked to warm REF from its"
-            " --store when the cache does not hold it.",
+            " --store when the cache does not hold it ready (absent, failed or evicted).",
         ),
     ] = None,
     token_file: Annotated[
@@ -365,7 +365,7 @@ def node_wait(
         request = _agent_warm_request(agent, token_file, tls_ca, ref)
     result = wait_ready(cache, ref, seconds, request_warm=request)
     if json_:
-        print(json.dumps(result.to_dict(), separators=(",", ":")), flush=True)
+        _Out().line(result.to_dict())
         if not result.ok:
             raise typer.Exit(1)
         return
@@ -374,7 +374,7 @@ def node_wait(
     print(result.path, flush=True)
 
 
-def _agent_warm_request(agent: str, token_file: Path, tls_ca: Path | None, ref: str):
+def _agent_warm_request(agent: str, token_file: Path, tls_ca: Path | None, ref: str) -> RequestWarm:
     """What ``node wait --agent`` calls to have the agent warm REF: the agent's answer, or
     TryLater while it cannot be reached (it may be starting beside this container)."""
     import asyncio

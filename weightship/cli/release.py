@@ -37,7 +37,7 @@ from weightship.cli.options import (
     say,
 )
 from weightship.errors import UsageError
-from weightship.progress import plural
+from weightship.progress import human_bytes, plural
 
 
 def publish(
@@ -78,7 +78,6 @@ def publish(
     from weightship import release
     from weightship.artifact import provenance
     from weightship.cli import github
-    from weightship.progress import human_bytes
 
     # Checked before any work, so that a misplaced --output-github costs no upload.
     to_github = github.enabled(output_github)
@@ -104,7 +103,8 @@ def publish(
     from weightship.store import open_store as open_url
     from weightship.store import takes_chunk_crc32
 
-    store_url = load_config(ctx).store_url(store)
+    cfg = load_config(ctx)
+    store_url = cfg.store_url(store)
     result = release.publish(
         Path(source),
         ref,
@@ -119,7 +119,7 @@ def publish(
         chunk_crc32=takes_chunk_crc32(store_url),
         # Pickle warnings reach standard error through the reporter as the files are
         # checked (before the upload), and the --json document as "warnings".
-        pickle=load_config(ctx).pickle_mode(refuse_pickle),
+        pickle=cfg.pickle_mode(refuse_pickle),
     )
     if to_github:
         github.publish(result.to_dict())
@@ -283,7 +283,6 @@ def prune(
 
     from weightship import release
     from weightship.fleet.orchestrate import parse_duration
-    from weightship.progress import human_bytes, plural
 
     period = timedelta(seconds=parse_option("--grace", parse_duration, grace) or 0)
     result = release.prune(open_store(ctx, store), grace=period, dry_run=dry_run, reporter=reporter(ctx, json_))
@@ -334,7 +333,6 @@ def pull(
 ) -> None:
     """Download a release into DEST, verifying every sha256 (and the signature under the policy)."""
     from weightship import release
-    from weightship.progress import human_bytes
 
     policy = build_policy(ctx, key, cert_chain, identity, issuer, identity_regex, offline)
     st = open_store(ctx, store)

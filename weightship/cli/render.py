@@ -380,7 +380,7 @@ def render_release(rel: Release, signer_text: str) -> None:
     print(f"signed    {signed}")
     for k, v in sorted(m.source.items()):
         print(f"source    {k}: {v}")
-    print(f"files     {len(m.files)}, {human_bytes(m.total_size)}".rstrip())
+    print(f"files     {len(m.files)}, {human_bytes(m.total_size)}")
     render_files(m, indent="  ")
 
 
@@ -395,10 +395,8 @@ def render_fleet(regions: list[Region]) -> None:
             # Where the agents below were found; an inline token is a secret and not shown.
             k = r.kubernetes
             found = [f"namespace {k.namespace}", f"selector {k.selector}", f"port {k.port}"]
-            found += [
-                f"{key} {v}" for key, v in (("token_file", k.token_file), ("ca", k.ca), ("context", k.context)) if v
-            ]
-            found += [f"kubeconfig {k.kubeconfig}"] if k.kubeconfig else []
+            given = {"token_file": k.token_file, "ca": k.ca, "context": k.context, "kubeconfig": k.kubeconfig}
+            found += [f"{key} {v}" for key, v in given.items() if v]
             head += f"  (kubernetes: {', '.join(found)})"
         print(head)
         lines = []
@@ -455,7 +453,7 @@ def render_plan(report: PlanReport) -> None:
 def _verified_text(verified: Any, signer: Mapping[str, Any] | None, answered: bool = True) -> str:
     if not answered:
         return ""
-    return _signer_text(signer) or "yes" if verified else "no"
+    return (_signer_text(signer) or "yes") if verified else "no"
 
 
 def render_warm(report: WarmReport) -> None:

@@ -27,6 +27,7 @@ waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import threading
@@ -146,7 +147,6 @@ class NodeLabeler:
         self.applied: dict[str, str] | None = None
         self._applied_at = 0.0
         self._failed_at = 0.0
-        self.reconciles = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, daemon=True, name="kube-labels")
@@ -185,7 +185,6 @@ class NodeLabeler:
         (logged once per distinct failure; a later reconcile tries again)."""
         from weightship.kube.client import api_errors, describe
 
-        self.reconciles += 1
         try:
             if desired is None:
                 desired = desired_labels(self.cache)
@@ -193,11 +192,11 @@ class NodeLabeler:
                 self._client = self._open()
             patch = self._apply(self._client, desired)
         except api_errors() as e:
-            self._client = None  # a fresh connection (and a re-read configuration) next time
+            self._drop_client()
             self._fail(describe(e))
             return None
         except Exception as e:  # a bug here must end neither the thread nor the agent
-            self._client = None
+            self._drop_client()
             self._fail(f"{type(e).__name__}: {e}")
             return None
         self.applied, self._applied_at = desired, time.monotonic()
@@ -223,6 +222,14 @@ class NodeLabeler:
             # they cannot be overwritten, and a key set to null is removed.
             client.patch(Node, self.node, {"metadata": {"labels": patch}}, patch_type=PatchType.MERGE)
         return patch
+
+    def _drop_client(self) -> None:
+        """Close the client after a failure: a fresh connection (and a re-read configuration)
+        next time, and no connection left open per failed reconcile of a long outage."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     def _fail(self, why: str) -> None:
         self._failed_at = time.monotonic()

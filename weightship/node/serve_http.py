@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from weightship.errors import UsageError, WeightshipError
+from weightship.node.metrics import CONTENT_TYPE, NO_METER, AgentMetrics, Meter
 from weightship.node.protocol import PROTOCOL, WarmRequest, check_peer_token, labelled
 from weightship.version import __version__
 
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
     # does not load it.
     from weightship.node.arrivals import PeerBlob
     from weightship.node.cache import NodeCache
-    from weightship.node.metrics import AgentMetrics
 
 MAX_JOBS = 200
 # Bytes per body message of a peer stream.
@@ -114,11 +114,11 @@ class Job:
 
 class Jobs:
     """Warm jobs of this agent; the engine's lock serialises them on the cache.
-    ``metrics`` is told what each warm moves (bytes per source, failed copies, duration)."""
+    ``meter`` is told what each warm moves (bytes per source, failed copies, duration)."""
 
-    def __init__(self, cache: NodeCache, metrics: AgentMetrics | None = None) -> None:
+    def __init__(self, cache: NodeCache, meter: Meter = NO_METER) -> None:
         self.cache = cache
-        self.metrics = metrics
+        self.meter = meter
         self.jobs: OrderedDict[str, Job] = OrderedDict()
 
     def start(self, req: WarmRequest) -> Job:
@@ -136,11 +136,8 @@ class Jobs:
                 loop.call_soon_threadsafe(job.push, ev)
 
         def run() -> None:
-            from weightship.node.metrics import NO_METER
-
             try:
-                # This agent's metrics are told what the warm moves.
-                self.cache.warm(req, emit, meter=self.metrics or NO_METER)
+                self.cache.warm(req, emit, meter=self.meter)
             except Exception as e:  # a bug: still end the job, or its stream waits forever
                 emit({"event": "result", "state": "failed", "error": f"internal error: {e!r}", "retryable": False})
 
@@ -158,8 +155,6 @@ def create_app(cache: NodeCache, token: str, *, store: str | None = None, metric
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
-
-    from weightship.node.metrics import CONTENT_TYPE, AgentMetrics
 
     if metrics is None:
         metrics = AgentMetrics(cache)
@@ -516,7 +511,6 @@ def create_app(cache: NodeCache, token: str, *, store: str | None = None, metric
 def metrics_app(metrics: AgentMetrics):
     """The ASGI app of ``--metrics-listen``: ``GET /metrics`` without a token, and 404 for
     everything else, so that a scraper reaching that port reaches nothing of the API."""
-    from weightship.node.metrics import CONTENT_TYPE
 
     async def app(scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -565,7 +559,7 @@ def bind(host: str, port: int, flag: str = "--listen") -> list[socket.socket]:
     """Listening sockets for ``host``:``port`` (every address the name resolves to, as
     asyncio would bind), made before the agent says it serves: a taken port is then one
     error line and exit 2, not a "serving" line followed by uvicorn's own error and exit 3."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = _hostport(host, port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -642,8 +636,6 @@ def serve(
     ``/metrics`` (only) there, over HTTP and without a token."""
     import uvicorn
 
-    from weightship.node.metrics import AgentMetrics
-
     cache.ensure()
     tls = tls_cert is not None and tls_key is not None
     if tls:
@@ -680,12 +672,10 @@ def serve(
         )
         mconfig.load()
         extra = (uvicorn.Server(mconfig), msocks)
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = _hostport(host, port)
     announce(f"weightship agent {__version__} serving {cache.root} on {'https' if tls else 'http'}://{where}")
     if metrics_listen is not None:
-        mhost, mport = metrics_listen
-        mwhere = f"[{mhost}]:{mport}" if ":" in mhost else f"{mhost}:{mport}"
-        announce(f"weightship agent metrics on http://{mwhere}/metrics (no token)")
+        announce(f"weightship agent metrics on http://{_hostport(*metrics_listen)}/metrics (no token)")
     if not tls and not all(_loopback(s) for s in socks):
         announce(
             f"warning: listening on {where} without TLS: the bearer token, peer tokens and blobs travel in"
@@ -711,6 +701,11 @@ async def _serve_both(api: Any, socks: list[socket.socket], metrics: Any, msocks
         api.should_exit = metrics.should_exit = True
 
     await asyncio.gather(api.serve(sockets=socks), metrics.serve(sockets=msocks), linked())
+
+
+def _hostport(host: str, port: int) -> str:
+    """HOST:PORT as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _loopback(sock: socket.socket) -> bool:

@@ -2,11 +2,12 @@
 container (or any script that must not start before the weights are in place).
 
 A release is ready when its record says so, and the warm pipeline writes that record
-only after every blob is verified, ``models/NAME/VERSION`` is linked into place and the
-tags are switched (:mod:`weightship.node.warm`): waiting on the record can never report
-a release before it is whole. What "ready" means for a reference is exactly what
-``node status`` says (:func:`weightship.node.cache.status_of`): ``NAME:TAG`` is ready when
-the tag points at a ready version on this node.
+only after every blob is verified and ``models/NAME/VERSION`` is linked into place, and
+switches the tags only after that (:mod:`weightship.node.warm`): waiting on the record
+(and, for ``NAME:TAG``, the tag) can never report a release before it is whole. What
+"ready" means for a reference is exactly what ``node status`` says
+(:func:`weightship.node.cache.status_of`): ``NAME:TAG`` is ready when the tag points at a
+ready version on this node.
 
 The cache is watched, not polled: on Linux, inotify (through ctypes: the few calls below
 are all it takes, and no dependency) on the directories whose entries change as a warm
@@ -116,10 +117,11 @@ def wait_ready(
 ) -> WaitResult:
     """Wait up to ``timeout`` seconds for ``ref`` (NAME:VERSION, NAME:TAG or
     NAME@sha256:HEX) to be ready in ``cache``. Returns as soon as it is ready (``ok``), as
-    soon as its warm failed (the record's error), or at the timeout; never raises for
-    those. ``request_warm`` asks an agent to warm it (see the module's docstring); it
-    raises :class:`TryLater` when the agent cannot be reached, and its other errors end
-    the wait (a configuration error is raised)."""
+    soon as its warm failed (the record's error; with ``request_warm``, only a failure of
+    the warm asked for), or at the timeout; never raises for those. ``request_warm`` asks
+    an agent to warm it (see the module's docstring); it raises :class:`TryLater` when the
+    agent cannot be reached, and its other errors end the wait (a configuration error is
+    raised)."""
     r = refs.Ref.parse(ref)
     layout = cache if isinstance(cache, CacheLayout) else CacheLayout(Path(cache))
     started = time.monotonic()
@@ -145,7 +147,8 @@ def wait_ready(
                 if st.state == "ready" and target.is_dir():
                     out.ok, out.path, out.error = True, str(target), None
                     return out
-                if st.state == "failed" and _failed_since(layout, st, asked_at):
+                # With an agent still to ask, a failure is what its warm is asked to repair.
+                if st.state == "failed" and next_ask is None and _failed_since(layout, st, asked_at):
                     out.error = f"{_name(r, st)} failed in {layout.root}: {st.error or 'no reason recorded'}"
                     return out
             state = st.state if st is not None else "absent"

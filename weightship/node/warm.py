@@ -309,9 +309,13 @@ class _Warm:
                     )
             self._materialise()
         hot = self._hot("ready" if intact else "verifying") if req.hot else {}
-        moved = self._switch_tags(req.tags)
+        self._check_tags(req.tags)
+        # The record says ready before any tag points here: a reader that follows a tag
+        # (status, node wait, the node labeler) never finds a release that is not ready
+        # behind it, and a crash in between leaves the tag on the old release, `staged`.
         rec.update(state="ready", error=None, warmed=now(), pid=None, run=None)
         cache.write_record(rec)
+        moved = self._switch_tags(req.tags)
         for old in moved:
             orec = cache.read_record(name, old)
             if orec:
@@ -490,6 +494,14 @@ class _Warm:
         fsync_dir(target.parent)
         shutil.rmtree(stage, ignore_errors=True)
 
+    def _check_tags(self, tags: list[str]) -> None:
+        """Refuse, before the release is recorded ready, a tag the cache holds as a version."""
+        d = self.cache.models / self.name
+        for t in tags:
+            link = d / t
+            if link.exists() and not link.is_symlink():
+                raise UsageError(f"{link} is a directory, not a tag", "a tag may not share its name with a version")
+
     def _switch_tags(self, tags: list[str]) -> list[str]:
         """Point each tag at the version by renaming a new symlink over the old one, so a
         reader sees the old release or the new one, never neither. Returns the versions
@@ -498,8 +510,6 @@ class _Warm:
         d = self.cache.models / self.name
         for t in tags:
             link = d / t
-            if link.exists() and not link.is_symlink():
-                raise UsageError(f"{link} is a directory, not a tag", "a tag may not share its name with a version")
             old = os.readlink(link) if link.is_symlink() else None
             if old == self.version:
                 continue

@@ -139,12 +139,8 @@ class FileStore(Store):
                 modified = datetime.fromtimestamp(st.st_mtime, timezone.utc)
                 if modified >= older_than:
                     continue
-                info = ObjectInfo(path.relative_to(self.root).as_posix(), st.st_size, modified)
-                if dry_run:
-                    if not _locked(path):
-                        found.append(info)
-                elif _unlink_unless_locked(path):
-                    found.append(info)
+                if _unlink_unless_locked(path, dry_run=dry_run):
+                    found.append(ObjectInfo(path.relative_to(self.root).as_posix(), st.st_size, modified))
         return sorted(found, key=lambda i: i.key)
 
     def delete(self, key: str) -> None:
@@ -249,31 +245,18 @@ class FileStore(Store):
         return f"file://{self._path(blob_key(hexdigest)).resolve()}"
 
 
-def _locked(path: Path) -> bool:
-    """Whether a publisher holds the flock of a partial upload now."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _unlink_unless_locked(path: Path) -> bool:
+def _unlink_unless_locked(path: Path, *, dry_run: bool = False) -> bool:
     """Unlink ``path`` while holding its flock, so that no publisher resumes it meanwhile
-    (one that opens it after the unlink creates a new file); False if one holds it."""
+    (one that opens it after the unlink creates a new file); False if a publisher holds
+    it. With ``dry_run``, only whether it would be unlinked."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        path.unlink(missing_ok=True)
+        if not dry_run:
+            path.unlink(missing_ok=True)
         return True
     except BlockingIOError:
         return False

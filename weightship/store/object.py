@@ -151,13 +151,7 @@ class ObjectStore(Store):
             raise self._error(e, "read", key) from None
 
     def list(self, prefix: str) -> list[str]:
-        out: list[str] = []
-        try:
-            for batch in obstore.list(self._inner, prefix or None, chunk_size=1000):
-                out.extend(m["path"] for m in batch)
-        except Exception as e:
-            raise self._error(e, "list", prefix) from None
-        return sorted(out)
+        return [info.key for info in self.list_info(prefix)]
 
     def list_info(self, prefix: str) -> list[ObjectInfo]:
         # The listing already carries size and Last-Modified: no HEAD per object.

@@ -51,6 +51,7 @@ from weightship.errors import (
 )
 from weightship.store.base import ObjectInfo, Progress, Store, blob_key
 from weightship.store.checked import CheckedFile
+from weightship.store.layout import parse_release_key
 from weightship.store.oci_auth import RegistryAuth, is_loopback, load_credentials
 from weightship.store.writer import BlobWriter
 
@@ -239,21 +240,21 @@ class Image:
 
 @dataclass(frozen=True)
 class _Key:
-    kind: str  # manifest, sig, legacy-sig, tag, blob, other
+    kind: str  # manifest, sig, tag, blob, other (a registry has no place for it)
     name: str = ""
     label: str = ""
     digest: str = ""
 
 
 def _parse_key(key: str) -> _Key:
+    if release := parse_release_key(key):
+        name, version, file = release
+        if file == "manifest.json":
+            return _Key("manifest", name, version)
+        if m := _SIG.match(file):
+            return _Key("sig", name, version, "sha256:" + m.group(1))
+        return _Key("other")
     p = key.split("/")
-    if len(p) == 4 and p[0] == "releases":
-        if p[3] == "manifest.json":
-            return _Key("manifest", p[1], p[2])
-        if m := _SIG.match(p[3]):
-            return _Key("sig", p[1], p[2], "sha256:" + m.group(1))
-        if p[3] == "model.sig":
-            return _Key("legacy-sig", p[1], p[2])
     if len(p) == 3 and p[0] == "tags" and p[1] and p[2]:
         return _Key("tag", p[1], p[2])
     if len(p) == 3 and p[0] == "blobs" and p[1] == "sha256" and _HEX64.match(p[2]):
@@ -280,7 +281,7 @@ class _Registry:
         self.lock = threading.Lock()
         self.pending: dict[tuple[str, str, str], dict[str, Any]] = {}  # signatures awaiting their manifest
         self.present: set[tuple[str, str]] = set()  # (repo, digest) known to be in the registry
-        self.pull_tokens: dict[str, str] = {}  # repo -> a pull-only token for nodes ("": none)
+        self.node_access: dict[str, str | None] = {}  # repo -> how nodes pull it (OciStore._node_access)
 
 
 class OciStore(Store):
@@ -505,18 +506,24 @@ class OciStore(Store):
             found = list(index.doc.get("manifests") or []) if index is not None else []
         return [d for d in found if isinstance(d, dict) and d.get("artifactType") == BUNDLE]
 
-    def _push_signature(self, repo: str, subject: Image, bundle: dict[str, Any], signs: str) -> None:
+    def _empty_config_artifact(self, repo: str, artifact_type: str, layer: dict[str, Any], **fields: Any) -> bytes:
+        """An image manifest of ``artifact_type`` with the empty config (pushed here) and
+        one layer: what the OCI image spec recommends for artifacts that are no image."""
         self._push_bytes(repo, EMPTY_JSON)
-        raw = _canonical(
+        return _canonical(
             {
                 "schemaVersion": 2,
                 "mediaType": MANIFEST,
-                "artifactType": BUNDLE,
+                "artifactType": artifact_type,
                 "config": _descriptor(EMPTY, EMPTY_JSON),
-                "layers": [bundle],
-                "subject": subject.descriptor,
-                "annotations": {A_SIGNS: signs},
+                "layers": [layer],
+                **fields,
             }
+        )
+
+    def _push_signature(self, repo: str, subject: Image, bundle: dict[str, Any], signs: str) -> None:
+        raw = self._empty_config_artifact(
+            repo, BUNDLE, bundle, subject=subject.descriptor, annotations={A_SIGNS: signs}
         )
         r = self._put_manifest(repo, _digest(raw), raw, MANIFEST)
         if "OCI-Subject" in r.headers:
@@ -645,6 +652,10 @@ class OciStore(Store):
             time.sleep(SETTLE)
             now = self._image(repo, tag)
             if now is None or now.digest != ours.digest:
+                if bundle is not None:
+                    # Its signature names a manifest no tag holds: it would stay forever,
+                    # kept by its referrers tag (the tag schema).
+                    self._drop_signatures(repo, ours.digest, f"delete the signature of a lost {repo}:{tag}")
                 raise ConflictError(f"{repo}:{tag} already exists in {self.url} (published concurrently)")
 
     def _write_signature(self, name: str, version: str, signs: str, data: bytes) -> None:
@@ -685,9 +696,7 @@ class OciStore(Store):
             if img is None:
                 return
             repo = self._repo(k.name)
-            for d in self._referrers(repo, img.digest):
-                self._delete_manifest(repo, str(d.get("digest")), f"delete a signature of {k.name}:{k.label}")
-            self._edit_referrers_tag(repo, img.digest, drop="*")
+            self._drop_signatures(repo, img.digest, f"delete a signature of {k.name}:{k.label}")
             # By digest: the registry drops the version's tag (and any tag still on it).
             self._delete_manifest(repo, img.digest, f"delete {k.name}:{k.label}")
         elif k.kind == "sig":
@@ -715,19 +724,17 @@ class OciStore(Store):
         r = self._send("DELETE", f"/v2/{repo}/manifests/{tag}", what, ok=(200, 202, 400, 405), missing_ok=True)
         if r is None or r.status_code in (200, 202):
             return
-        self._push_bytes(repo, EMPTY_JSON)
-        raw = _canonical(
-            {
-                "schemaVersion": 2,
-                "mediaType": MANIFEST,
-                "artifactType": TOMBSTONE,
-                "config": _descriptor(EMPTY, EMPTY_JSON),
-                "layers": [_descriptor(EMPTY, EMPTY_JSON)],
-                "annotations": {TOMBSTONE: f"{repo}:{tag} {time.time_ns()}"},
-            }
+        raw = self._empty_config_artifact(
+            repo, TOMBSTONE, _descriptor(EMPTY, EMPTY_JSON), annotations={TOMBSTONE: f"{repo}:{tag} {time.time_ns()}"}
         )
         self._put_manifest(repo, tag, raw, MANIFEST)
         self._delete_manifest(repo, _digest(raw), what)
+
+    def _drop_signatures(self, repo: str, subject: str, what: str) -> None:
+        """Delete every signature referrer of manifest ``subject``, and its referrers index."""
+        for d in self._referrers(repo, subject):
+            self._delete_manifest(repo, str(d.get("digest")), what)
+        self._edit_referrers_tag(repo, subject, drop="*")
 
     def _delete_manifest(self, repo: str, ref: str, what: str) -> None:
         self._send("DELETE", f"/v2/{repo}/manifests/{ref}", what, ok=(200, 202), missing_ok=True)
@@ -741,21 +748,27 @@ class OciStore(Store):
             return []
         names = [parts[1]] if len(parts) > 2 and parts[1] else self._names()
         out: list[str] = []
+        for name, tag, version, img in self._tagged(names):
+            if oci_tag(version) == tag:
+                out.append(f"releases/{name}/{version}/manifest.json")
+                if Manifest.from_bytes(img.weightship).signature != "unsigned":
+                    out.append(f"releases/{name}/{version}/sha256-{_digest(img.weightship)[7:]}.sig")
+            else:
+                out.append(f"tags/{name}/{tag}")
+        return sorted(k for k in out if k.startswith(prefix))
+
+    def _tagged(self, names: Sequence[str]) -> Iterator[tuple[str, str, str, Image]]:
+        """(name, OCI tag, version, manifest) for every tag of the repositories of
+        ``names`` that is on a weightship release: the version's own tag (the OCI tag of
+        ``version``), or a movable tag."""
         for name in names:
             repo = self._repo(name)
             for tag in self._tags(repo):
                 if _REFERRERS_TAG.match(tag):
                     continue
                 img = self._image(repo, tag)
-                if img is None or img.version is None:
-                    continue  # not a weightship release (another tool's artifact)
-                if oci_tag(img.version) == tag:
-                    out.append(f"releases/{name}/{img.version}/manifest.json")
-                    if Manifest.from_bytes(img.weightship).signature != "unsigned":
-                        out.append(f"releases/{name}/{img.version}/sha256-{_digest(img.weightship)[7:]}.sig")
-                else:
-                    out.append(f"tags/{name}/{tag}")
-        return sorted(k for k in out if k.startswith(prefix))
+                if img is not None and img.version is not None:  # else another tool's artifact
+                    yield name, tag, img.version, img
 
     def list_info(self, prefix: str) -> list[ObjectInfo]:
         raise StoreError(
@@ -776,10 +789,9 @@ class OciStore(Store):
         """Blob keys the releases in the store name: a registry cannot list the blobs it
         holds, only the manifests that refer to them."""
         out: set[str] = set()
-        for key in self.list("releases/" + (f"{self.name}/" if self.name else "")):
-            if key.endswith("/manifest.json"):
-                m = Manifest.from_bytes(self.read(key))
-                out.update(blob_key(f.sha256) for f in m.files)
+        for _, tag, version, img in self._tagged([self.name] if self.name else self._names()):
+            if oci_tag(version) == tag:  # a movable tag names a version's manifest again
+                out.update(blob_key(f.sha256) for f in Manifest.from_bytes(img.weightship).files)
         return out
 
     # -- blobs -------------------------------------------------------------------------
@@ -895,7 +907,7 @@ class OciStore(Store):
                         if r.status_code == 404:
                             raise NotFoundError(f"blob {hexdigest[:12]}… missing from {self.url}")
                         if r.status_code == 416:
-                            raise IntegrityError(f"blob {hexdigest[:12]}…  in {self.url} is corrupt (too short)")
+                            raise IntegrityError(f"blob {hexdigest[:12]}… in {self.url} is corrupt (too short)")
                         if r.status_code not in (200, 206):
                             r.read()
                             raise self._error(r, what)
@@ -940,25 +952,31 @@ class OciStore(Store):
                 return str(httpx.URL(self._reg.base + path).join(location))
             if status == 404:
                 raise NotFoundError(f"blob {hexdigest[:12]}… missing from {self.url}")
-            with httpx.Client(timeout=TIMEOUT, trust_env=True) as anonymous:
-                if anonymous.head(self._reg.base + path).status_code == 200:
-                    return self._reg.base + path
+            access = self._node_access(repo, path)
         except httpx.HTTPError as e:
             raise StoreError(f"cannot reach the registry {self._reg.host} ({type(e).__name__})") from None
-        token = self._pull_token(repo)
-        # In the fragment, which no client sends: the node's fetch puts it in a header.
-        return f"{self._reg.base}{path}#bearer={token}" if token else None
+        if access is None:
+            return None
+        # A token goes in the fragment, which no client sends: the node's fetch puts it in a header.
+        return f"{self._reg.base}{path}" + (f"#bearer={access}" if access else "")
 
-    def _pull_token(self, repo: str) -> str | None:
-        """One pull-only token for ``repo`` per store, for every blob URL of a warm."""
+    def _node_access(self, repo: str, path: str) -> str | None:
+        """How a node may pull ``repo`` without the publisher's credentials: "" when the
+        registry lets anyone pull it (an anonymous HEAD of the blob at ``path`` answers
+        200), a pull-only token, or None. Asked once per repository, for every blob URL
+        of a warm."""
         with self._reg.lock:
-            hit = self._reg.pull_tokens.get(repo)
-        if hit is None:
-            got = self._reg.auth.pull_token(repo, self._reg.base)
-            hit = got[0] if got else ""
-            with self._reg.lock:
-                self._reg.pull_tokens[repo] = hit
-        return hit or None
+            if repo in self._reg.node_access:
+                return self._reg.node_access[repo]
+        with httpx.Client(timeout=TIMEOUT, trust_env=True) as anonymous:
+            public = anonymous.head(self._reg.base + path).status_code == 200
+        access: str | None = ""
+        if not public:
+            token = self._reg.auth.pull_token(repo, self._reg.base)
+            access = token[0] if token else None
+        with self._reg.lock:
+            self._reg.node_access[repo] = access
+        return access
 
 
 def _parts(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:

@@ -160,14 +160,21 @@ class RegistryAuth(httpx.Auth):
     # -- the flow ----------------------------------------------------------------------
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        self._attach(request)
+        ours = request.url.host == urlsplit(f"//{self.host}").hostname
+        if ours:
+            self._attach(request)
         response = yield request
-        if response.status_code != 401 or request.url.host != urlsplit(f"//{self.host}").hostname:
+        if response.status_code != 401 or not ours:
             return
         scheme, params = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
             if self.credentials is None or request.headers.get("Authorization") == self.credentials.basic:
                 return  # nothing (more) to offer: the caller reports the 401
+            if request.url.scheme != "https" and not is_loopback(self.host):
+                raise StoreError(
+                    f"the registry {self.host} asks for the password over plain HTTP",
+                    "serve it over HTTPS (and drop ?insecure=true from the store URL)",
+                )
             self._basic = True
         elif scheme == "bearer" and params.get("realm"):
             key = _scope_key(request)

@@ -20,8 +20,6 @@ BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
-# The resource name of a model that is a single file, as model_signing 1.x writes it.
-SINGLE_FILE = SINGLE_FILE_RESOURCE
 
 
 def pae(payload: bytes, payload_type: str = PAYLOAD_TYPE) -> bytes:
@@ -112,7 +110,7 @@ def parse_statement(payload: bytes) -> Statement:
             name = str(r["name"])
             # "." is how the reference signer names a model that is one file (the path of
             # the file relative to itself); it is only meaningful as the sole resource.
-            if name != SINGLE_FILE or len(listed) != 1:
+            if name != SINGLE_FILE_RESOURCE or len(listed) != 1:
                 check_relpath(name)
             if name in resources:
                 raise SignatureError(f"resource {name!r} listed twice in the signature")

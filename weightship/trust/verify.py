@@ -6,9 +6,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from weightship.artifact import hashing, pack
-from weightship.artifact.manifest import check_relpath
-from weightship.errors import IntegrityError, SignatureError, UsageError
-from weightship.trust import oms
+from weightship.artifact.manifest import SINGLE_FILE_RESOURCE, check_relpath
+from weightship.errors import IntegrityError, ModelError, SignatureError, UsageError
 from weightship.trust.bundle import verify_bundle
 from weightship.trust.policy import TrustPolicy, Verified
 
@@ -19,13 +18,13 @@ def compare(signed: dict[str, str], actual: dict[str, str], where: str) -> None:
     A signature of a single file names it "." (as model_signing does): it matches when
     ``where`` holds exactly one file, whatever that file is called, with that content.
     A release of one file, pulled or warmed, is a directory holding that file."""
-    if list(signed) == [oms.SINGLE_FILE]:
+    if list(signed) == [SINGLE_FILE_RESOURCE]:
         if len(actual) != 1:
             raise IntegrityError(
                 f"the signature covers a single file, but {where} holds {len(actual)} files",
                 "verify the file itself, not a directory",
             )
-        signed = {next(iter(actual)): signed[oms.SINGLE_FILE]}
+        signed = {next(iter(actual)): signed[SINGLE_FILE_RESOURCE]}
     for path in sorted(set(signed) | set(actual)):
         if path not in actual:
             raise IntegrityError(f"{path}: signed but missing from {where} (removed or renamed)")
@@ -47,7 +46,7 @@ def safe_ignores(statement_ignores: Iterable[str], resources: Iterable[str]) -> 
             raise SignatureError(f"signature ignore path {raw!r} points outside the model") from None
         out.append(rel)
     for res in resources:
-        if res == oms.SINGLE_FILE:
+        if res == SINGLE_FILE_RESOURCE:
             continue  # a single file: nothing is walked, so nothing can be hidden
         if pack.is_ignored(res, out):
             raise SignatureError(f"signature ignore paths hide {res!r}, a file it also signs")
@@ -65,6 +64,9 @@ def verify_directory(
     """Verify a model directory against its OMS signature (default ``ROOT/model.sig``),
     or a single model file against its own (default ``FILE.sig``, see :func:`signature_path`)."""
     root = Path(root)
+    if not root.exists():
+        # Else a mistyped path reads as an unsigned model: "missing.gguf/model.sig: no signature".
+        raise ModelError(f"{root}: no such file or directory", "pass the model directory or file")
     sig_path = signature or signature_path(root)
     try:
         bundle = sig_path.read_bytes()
@@ -96,6 +98,6 @@ def signature_path(model: Path) -> Path:
     model_signing writes it), ``FILE.sig`` beside a single file (``model.gguf.sig``), since a
     file has no inside, and a fixed name beside it would be shared by every file there."""
     model = Path(model)
-    if not model.is_dir() and model.is_file():
+    if model.is_file():
         return model.with_name(model.name + ".sig")
     return model / pack.SIGNATURE_FILE
